@@ -1,0 +1,1 @@
+"""llmc code generation backends (imported as ``llmc.codegen``)."""

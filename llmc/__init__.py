@@ -1,0 +1,3 @@
+"""llmc: compile a Hugging Face causal LM into an optimized, self-contained inference package."""
+
+__version__ = "0.1.0"

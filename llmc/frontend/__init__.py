@@ -1,0 +1,1 @@
+"""Frontends: raise a Hugging Face causal LM into llmc IR."""

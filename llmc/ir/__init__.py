@@ -1,0 +1,13 @@
+"""llmc IR: typed SSA graphs of LLM-level ops, each with a torch reference implementation."""
+
+from llmc.ir import ops as _ops  # noqa: F401  (registers the built-in ops)
+from llmc.ir.graph import Graph, GraphBuilder, Node
+from llmc.ir.interpreter import ContiguousKVCache, ExecutionContext, Interpreter, generate_greedy
+from llmc.ir.opdef import OPS, OpDef, OpRegistry, register_op
+from llmc.ir.printer import format_graph
+from llmc.ir.types import T, Param, TensorType
+from llmc.ir.verifier import verify
+
+__all__ = ["Graph", "GraphBuilder", "Node", "ContiguousKVCache", "ExecutionContext", "Interpreter",
+           "generate_greedy", "OPS", "OpDef", "OpRegistry", "register_op", "format_graph", "T", "Param",
+           "TensorType", "verify"]

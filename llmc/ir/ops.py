@@ -1,0 +1,252 @@
+"""The built-in LLM-level ops, in token-flattened layout ``[T, features]``, with torch references.
+
+References compute in float32 where HF does (norms, softmax) and are the oracle for every pass and
+kernel: keep them plain and obviously right rather than fast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmc.errors import IRError
+from llmc.ir.opdef import register_op
+from llmc.ir.types import DTYPES, TensorType
+
+
+def _same(types: list[TensorType], attrs: dict[str, Any]) -> TensorType:
+    first = types[0]
+    for other in types[1:]:
+        if other.shape != first.shape:
+            raise IRError(f"shape mismatch: {first} vs {other}")
+    return first
+
+
+def _features(t: TensorType) -> int:
+    if len(t.shape) != 2 or not isinstance(t.shape[1], int):
+        raise IRError(f"expected a token-flattened [T, features] tensor, got {t}")
+    return t.shape[1]
+
+
+# ---- embeddings and linear algebra ---------------------------------------------------------------
+
+@register_op("embedding", ("ids", "weight"))
+class Embedding:
+    """Gather rows of ``weight`` [V, H] for token ids [T] -> [T, H]."""
+
+    @staticmethod
+    def infer(types, attrs):
+        return TensorType((types[0].shape[0], types[1].shape[1]), types[1].dtype)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return F.embedding(inputs[0], inputs[1])
+
+
+@register_op("linear", ("x", "weight", "bias?"))
+class Linear:
+    """``x @ weight.T + bias`` with weight in [out, in] layout."""
+
+    @staticmethod
+    def infer(types, attrs):
+        x, w = types[0], types[1]
+        if _features(x) != w.shape[1]:
+            raise IRError(f"linear: input has {x.shape[1]} features but weight is {w}")
+        if len(types) > 2 and types[2].shape != (w.shape[0],):
+            raise IRError(f"linear: bias {types[2]} does not match weight {w}")
+        return TensorType((x.shape[0], w.shape[0]), x.dtype)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return F.linear(*inputs)
+
+
+# ---- normalization -------------------------------------------------------------------------------
+
+@register_op("rms_norm", ("x", "weight"), {"eps": 1e-6, "offset": 0.0})
+class RMSNorm:
+    """RMSNorm in float32 over groups of ``weight.numel()`` features: ``x/rms(x) * (offset + w)``.
+
+    The group is the whole row for layer norms and one head for per-head q/k norms (Qwen3);
+    ``offset=1`` is Gemma's ``(1 + w)`` form.
+    """
+
+    @staticmethod
+    def infer(types, attrs):
+        x, w = types
+        if _features(x) % w.shape[0]:
+            raise IRError(f"rms_norm: {x} is not a multiple of weight {w}")
+        return x
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        x, w = inputs
+        group = w.shape[0]
+        xf = x.float().reshape(x.shape[0], -1, group)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + attrs["eps"])
+        out = xf * (attrs["offset"] + w.float())
+        return out.reshape(x.shape).to(x.dtype)
+
+
+@register_op("layer_norm", ("x", "weight", "bias"), {"eps": 1e-5})
+class LayerNorm:
+    """LayerNorm over the feature dim."""
+
+    @staticmethod
+    def infer(types, attrs):
+        return types[0]
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        x, w, b = inputs
+        return F.layer_norm(x, (x.shape[-1],), w, b, attrs["eps"])
+
+
+# ---- positions -----------------------------------------------------------------------------------
+
+@register_op("rope", ("x", "positions", "inv_freq"),
+             {"head_dim": 0, "rotary_dim": 0, "interleaved": False, "scaling": 1.0})
+class Rope:
+    """Rotary embedding on each head's first ``rotary_dim`` features, angles ``pos * inv_freq``.
+
+    ``interleaved`` rotates pairs (2i, 2i+1) (GPT-J style) instead of halves (rotate-half, Llama);
+    ``scaling`` multiplies cos/sin (YaRN-style attention factor). Rope scaling variants that change
+    the frequencies are already folded into ``inv_freq``.
+    """
+
+    @staticmethod
+    def infer(types, attrs):
+        x = types[0]
+        hd, rd = attrs["head_dim"], attrs["rotary_dim"]
+        if hd <= 0 or _features(x) % hd or not 0 < rd <= hd or rd % 2:
+            raise IRError(f"rope: bad head_dim={hd} rotary_dim={rd} for {x}")
+        if types[2].shape != (rd // 2,):
+            raise IRError(f"rope: inv_freq {types[2]} does not match rotary_dim={rd}")
+        return x
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        x, positions, inv_freq = inputs
+        hd, rd = attrs["head_dim"], attrs["rotary_dim"]
+        xh = x.reshape(x.shape[0], -1, hd)
+        freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, rd/2]
+        cos = (freqs.cos() * attrs["scaling"]).to(x.dtype)[:, None, :]
+        sin = (freqs.sin() * attrs["scaling"]).to(x.dtype)[:, None, :]
+        rot, rest = xh[..., :rd], xh[..., rd:]
+        if attrs["interleaved"]:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+            cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+            out = rot * cos2 + torch.cat((-x2, x1), -1) * sin2
+        return torch.cat((out, rest), -1).reshape(x.shape)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+@register_op("attention", ("q", "k", "v", "positions"),
+             {"layer": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0, "scale": 0.0,
+              "causal": True, "sliding_window": None, "softcap": None}, stateful=True)
+class Attention:
+    """Causal multi-head attention with GQA, over this step's tokens and the layer's KV cache.
+
+    Writes this step's k/v into the cache at ``positions``, then each query at position p attends to
+    cached keys at positions in ``(p - sliding_window, p]``; ``softcap`` applies
+    ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
+    """
+
+    @staticmethod
+    def infer(types, attrs):
+        q, k, v = types[:3]
+        h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+        if h <= 0 or kvh <= 0 or h % kvh:
+            raise IRError(f"attention: num_heads={h} must be a positive multiple of num_kv_heads={kvh}")
+        if _features(q) != h * d or _features(k) != kvh * d or _features(v) % kvh:
+            raise IRError(f"attention: q {q}, k {k}, v {v} do not match heads {h}/{kvh} x {d}")
+        return TensorType((q.shape[0], h * (_features(v) // kvh)), q.dtype)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        q, k, v, positions = inputs
+        h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+        k_all, v_all, kpos = ctx.kv.append(attrs["layer"], k.reshape(len(k), kvh, d),
+                                           v.reshape(len(v), kvh, -1), positions)
+        qh = q.reshape(len(q), h, d).transpose(0, 1).float()                  # [H, Tq, D]
+        kh = k_all.transpose(0, 1).float().repeat_interleave(h // kvh, 0)     # [H, S, D]
+        vh = v_all.transpose(0, 1).float().repeat_interleave(h // kvh, 0)
+        scores = (qh @ kh.transpose(1, 2)) * attrs["scale"]
+        if attrs["softcap"]:
+            scores = attrs["softcap"] * torch.tanh(scores / attrs["softcap"])
+        allowed = kpos[None, :] <= positions[:, None] if attrs["causal"] else torch.ones(
+            len(positions), len(kpos), dtype=torch.bool)
+        if attrs["sliding_window"]:
+            allowed &= positions[:, None] - kpos[None, :] < attrs["sliding_window"]
+        scores = scores.masked_fill(~allowed, -math.inf)
+        out = torch.softmax(scores, -1) @ vh                                  # [H, Tq, Dv]
+        return out.transpose(0, 1).reshape(len(q), -1).to(q.dtype)
+
+
+# ---- elementwise ---------------------------------------------------------------------------------
+
+def _unary(name: str, fn, doc: str, attrs: dict[str, Any] | None = None):
+    cls = type(name, (), {
+        "__doc__": doc,
+        "infer": staticmethod(lambda types, attrs: types[0]),
+        "reference": staticmethod(lambda ctx, inputs, attrs: fn(inputs[0], attrs)),
+    })
+    return register_op(name, ("x",), attrs)(cls)
+
+
+def _binary(name: str, fn, doc: str):
+    cls = type(name, (), {
+        "__doc__": doc,
+        "infer": staticmethod(_same),
+        "reference": staticmethod(lambda ctx, inputs, attrs: fn(inputs[0], inputs[1])),
+    })
+    return register_op(name, ("a", "b"))(cls)
+
+
+_binary("add", torch.add, "Elementwise a + b (residual connections).")
+_binary("mul", torch.mul, "Elementwise a * b (gated MLPs).")
+_unary("silu", lambda x, a: F.silu(x), "SiLU / swish.")
+_unary("gelu", lambda x, a: F.gelu(x), "GELU, exact erf form.")
+_unary("gelu_tanh", lambda x, a: F.gelu(x, approximate="tanh"), "GELU, tanh approximation (gelu_new).")
+_unary("relu", lambda x, a: F.relu(x), "ReLU.")
+_unary("tanh", lambda x, a: torch.tanh(x), "tanh (logit soft-capping).")
+_unary("scale", lambda x, a: x * a["factor"], "Multiply by a constant (Gemma's sqrt(hidden) embed scale).",
+       {"factor": 1.0})
+
+
+@register_op("slice", ("x",), {"start": 0, "stop": 0})
+class Slice:
+    """Features ``[start, stop)`` of every token (split of a fused qkv or gate_up projection)."""
+
+    @staticmethod
+    def infer(types, attrs):
+        x = types[0]
+        start, stop = attrs["start"], attrs["stop"]
+        if not 0 <= start < stop <= _features(x):
+            raise IRError(f"slice: [{start}, {stop}) out of range for {x}")
+        return TensorType((x.shape[0], stop - start), x.dtype)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return inputs[0][:, attrs["start"]: attrs["stop"]]
+
+
+@register_op("cast", ("x",), {"dtype": "float32"})
+class Cast:
+    """Convert to another dtype."""
+
+    @staticmethod
+    def infer(types, attrs):
+        return TensorType(types[0].shape, attrs["dtype"])
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return inputs[0].to(DTYPES[attrs["dtype"]])
+

@@ -1,0 +1,1 @@
+"""Built-in llmc passes (imported as ``llmc.passes``); one pass per file."""

@@ -1,0 +1,1 @@
+"""Built-in target descriptions, shipped as package data (imported as ``llmc.targets``)."""
