@@ -155,7 +155,7 @@ class GraphBuilder:
         return self._types[ref]
 
     def build(self, meta: Mapping[str, Any] | None = None) -> Graph:
-        used = {r for n in self._nodes for r in n.inputs}
+        used = {r for n in self._nodes for r in n.inputs} | set(self._outputs.values())
         params = tuple(p for name, p in self._params.items() if "@" + name in used)
         return Graph(tuple(self._inputs.items()), params, tuple(self._nodes),
                      tuple(self._outputs.items()), dict(meta or {}))

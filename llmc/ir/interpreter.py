@@ -89,10 +89,12 @@ class Interpreter:
 
 
 def generate_greedy(graph: Graph, prompt: list[int], max_new_tokens: int,
-                    interpreter: Interpreter | None = None) -> tuple[list[int], torch.Tensor]:
+                    interpreter: Interpreter | None = None,
+                    step_logits: list[torch.Tensor] | None = None) -> tuple[list[int], torch.Tensor]:
     """Prefill ``prompt`` then decode greedily one token per step through the KV cache.
 
-    Returns the new tokens and the prefill logits ``[len(prompt), vocab]``.
+    Returns the new tokens and the prefill logits ``[len(prompt), vocab]``; when ``step_logits`` is
+    given, the logits each new token was picked from are appended to it.
     """
     interp = interpreter or Interpreter(graph)
     ctx = ExecutionContext()
@@ -102,6 +104,8 @@ def generate_greedy(graph: Graph, prompt: list[int], max_new_tokens: int,
     tokens: list[int] = []
     for step in range(max_new_tokens):
         nxt = int(logits[-1].argmax())
+        if step_logits is not None:
+            step_logits.append(logits[-1])
         tokens.append(nxt)
         if step == max_new_tokens - 1:
             break

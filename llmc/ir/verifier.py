@@ -22,8 +22,8 @@ def verify(graph: Graph) -> None:
                 raise IRError(f"{where}: input {ref} is used before it is defined")
         if not node.op.min_inputs <= len(node.inputs) <= len(node.op.inputs):
             raise IRError(f"{where}: takes {node.op.min_inputs}..{len(node.op.inputs)} inputs, got {len(node.inputs)}")
-        attrs = node.op.check_attrs(node.attr_dict)
         try:
+            attrs = node.op.check_attrs(node.attr_dict)
             inferred = node.op.infer([defined[r] for r in node.inputs], attrs)
         except IRError as exc:
             raise IRError(f"{where}: {exc}") from None

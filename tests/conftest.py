@@ -1,0 +1,11 @@
+"""Shared test options: ``--update-golden`` rewrites the recorded outputs under tests/golden/."""
+
+import os
+
+# Kernel tests run Triton in its CPU interpreter; the variable must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/*.json from the current outputs instead of comparing")
