@@ -165,6 +165,8 @@ class Attention:
         h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
         if h <= 0 or kvh <= 0 or h % kvh:
             raise IRError(f"attention: num_heads={h} must be a positive multiple of num_kv_heads={kvh}")
+        if not attrs["scale"] > 0:  # the default 0.0 would silently give uniform attention
+            raise IRError(f"attention: scale must be set and positive, got {attrs['scale']}")
         if _features(q) != h * d or _features(k) != kvh * d or _features(v) % kvh:
             raise IRError(f"attention: q {q}, k {k}, v {v} do not match heads {h}/{kvh} x {d}")
         return TensorType((q.shape[0], h * (_features(v) // kvh)), q.dtype)
