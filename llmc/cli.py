@@ -1,0 +1,270 @@
+"""The `llmc` command line: make-tiny, inspect, run.
+
+Results go to stdout; progress (spinners) and errors go to stderr. An `LlmcError` is the user's to
+fix, so it is printed as one red line and exits with code 2 (click's code for bad usage); any other
+exception is a bug in llmc and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from llmc import __version__
+from llmc.errors import LlmcError
+
+HELP = """\
+llmc compiles a Hugging Face causal language model (config.json + safetensors) into a
+self-contained inference package for one hardware target. Today it imports the model into llmc's
+IR and runs that IR with a reference interpreter; compilation passes, code generation and the
+packaged runtime come later.
+
+Try it on the embedded tiny model:
+
+    llmc make-tiny build/tiny && llmc inspect build/tiny && llmc run build/tiny
+"""
+
+DEFAULT_TOKENS = "1,2,3,4,5,6,7,8"
+MODEL_DIR_HELP = "Hugging Face checkpoint directory (config.json + *.safetensors)."
+USER_ERROR_EXIT = 2
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
+                  pretty_exceptions_show_locals=False)  # locals would dump whole weight tensors
+out = Console()
+err = Console(stderr=True)
+
+
+def _reports_user_errors(command: Callable) -> Callable:
+    """Turn an LlmcError into a red message and exit code 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LlmcError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"llmc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the llmc version and exit.")) -> None:
+    pass
+
+
+def human_bytes(n: int) -> str:
+    """1023 -> '1023 B', 1258291 -> '1.2 MiB' (binary units, as memory is sized)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _load(model_dir: Path):
+    from llmc.frontend.hf import load_hf
+
+    with err.status(f"Importing {escape(str(model_dir))} (torch.export, then raising to llmc IR)..."):
+        return load_hf(model_dir)
+
+
+def _field(label: str, value: str) -> None:
+    # soft_wrap: a long id list stays on one line, so scripts (and tests) can read it back.
+    out.print(f"[bold]{label:<13}[/]{value}", soft_wrap=True)
+
+
+@app.command()
+@_reports_user_errors
+def inspect(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=MODEL_DIR_HELP),
+    ir: bool = typer.Option(False, "--ir", help="Also print the whole IR as text."),
+) -> None:
+    """Import a model and summarize its llmc IR: architecture, op counts, parameters.
+
+    Example: `llmc inspect build/tiny --ir`
+    """
+    imported = _load(model_dir)
+    graph = imported.graph
+    n_elements = sum(math.prod(p.type.shape) for p in graph.params)
+    _field("model", escape(str(model_dir)))
+    _field("architecture", escape(imported.architecture))
+    _field("model_type", escape(str(graph.meta.get("model_type", "?"))))
+    _field("layers", str(graph.meta.get("layers", "?")))
+    _field("params", f"{len(graph.params)} tensors, {n_elements:,} elements, {human_bytes(graph.param_bytes())}")
+    _field("nodes", str(len(graph.nodes)))
+    table = Table(title="ops by kind", title_justify="left")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, count in graph.op_counts().items():  # in order of first use in the graph
+        table.add_row(op, str(count))
+    out.print(table)
+    if ir:
+        out.print()
+        out.print(str(graph), markup=False, highlight=False, soft_wrap=True)
+
+
+def _parse_tokens(text: str) -> list[int]:
+    ids = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            ids.append(int(piece))
+        except ValueError:
+            raise LlmcError(f"--tokens: {piece!r} is not an integer; write ids separated by commas, "
+                            "e.g. --tokens 1,2,3") from None
+    return ids
+
+
+def _tokenizer(model_dir: Path):
+    """The model's `tokenizers` tokenizer, or None when the directory has no tokenizer.json."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises a bare Exception on malformed files
+        raise LlmcError(f"{path}: cannot read tokenizer: {exc}") from None
+
+
+def _check_ids(ids: list[int], max_new_tokens: int, config, model_dir: Path) -> None:
+    if not ids:
+        raise LlmcError("the prompt is empty; give at least one token")
+    vocab = int(config.vocab_size)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise LlmcError(f"token id {bad[0]} is outside the vocabulary of {model_dir} "
+                        f"(vocab_size={vocab}, so ids are 0..{vocab - 1})")
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_pos and len(ids) + max_new_tokens > max_pos:
+        raise LlmcError(f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                        f"{max_pos} positions; shorten the prompt or lower --max-new-tokens")
+
+
+def _timed_interpreter(graph):
+    """An Interpreter that records how long each step (prefill, then each decode) takes."""
+    from llmc.ir import Interpreter
+
+    class TimedInterpreter(Interpreter):
+        def __init__(self, graph) -> None:
+            super().__init__(graph)
+            self.step_seconds: list[float] = []
+
+        def run(self, *args, **kwargs):
+            start = time.perf_counter()
+            result = super().run(*args, **kwargs)
+            self.step_seconds.append(time.perf_counter() - start)
+            return result
+
+    return TimedInterpreter(graph)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+@app.command()
+@_reports_user_errors
+def run(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=MODEL_DIR_HELP),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
+                                         help="Prompt text; needs a tokenizer.json in MODEL_DIR."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", "-t",
+                                         help=f"Prompt as token ids, comma-separated [default: {DEFAULT_TOKENS}]."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n", min=1, help="How many tokens to generate."),
+) -> None:
+    """Import a model and generate greedily with the IR reference interpreter (CPU).
+
+    Example: `llmc run build/tiny --tokens 1,2,3 --max-new-tokens 8`
+    """
+    from llmc.ir import generate_greedy
+
+    if prompt is not None and tokens is not None:
+        raise LlmcError("give either --prompt or --tokens, not both")
+    # The prompt is read before the (slow) import, so a bad one fails at once.
+    tokenizer = _tokenizer(model_dir)
+    ids: list[int] = []
+    if prompt is None:
+        ids = _parse_tokens(tokens if tokens is not None else DEFAULT_TOKENS)
+    elif tokenizer is not None:
+        ids = tokenizer.encode(prompt).ids
+    elif model_dir.is_dir():  # a missing directory is reported by the import, which names it
+        raise LlmcError(f"{model_dir} has no tokenizer.json, so --prompt cannot be encoded; "
+                        "give token ids instead, e.g. --tokens 1,2,3")
+
+    imported = _load(model_dir)
+    _check_ids(ids, max_new_tokens, imported.config, model_dir)
+
+    interpreter = _timed_interpreter(imported.graph)
+    start = time.perf_counter()
+    for param in imported.graph.params:  # load weights now, so prefill time is compute only
+        interpreter.weight(param)
+    load_seconds = time.perf_counter() - start
+    with err.status(f"Generating {max_new_tokens} tokens..."):
+        new_ids, _ = generate_greedy(imported.graph, ids, max_new_tokens, interpreter=interpreter)
+
+    _field("model", f"{escape(str(model_dir))} ({escape(imported.architecture)})")
+    _field("prompt ids", f"{ids} ({len(ids)} tokens)")
+    _field("generated", str(new_ids))
+    if tokenizer is not None:
+        _field("prompt text", escape(repr(tokenizer.decode(ids))))
+        _field("output text", escape(repr(tokenizer.decode(new_ids))))
+    prefill, *decode = interpreter.step_seconds
+    _field("weights", f"loaded in {_ms(load_seconds)}")
+    _field("prefill", f"{len(ids)} tokens in {_ms(prefill)}")
+    if decode:
+        # The first new token comes from the prefill logits; each later one costs one decode step.
+        _field("decode", f"{len(decode)} steps, {_ms(sum(decode) / len(decode))}/step "
+                         f"(min {_ms(min(decode))}, max {_ms(max(decode))})")
+
+
+@app.command("make-tiny")
+@_reports_user_errors
+def make_tiny(
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Directory to write the checkpoint to."),
+    arch: str = typer.Option("llama", "--arch", help="llama, mistral, qwen2, qwen3, gemma2, phi3 or gpt2."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
+) -> None:
+    """Write a tiny randomly initialized model (2 layers, vocab 128) to try llmc on.
+
+    Example: `llmc make-tiny build/tiny --arch qwen3`
+    """
+    import transformers
+
+    from llmc.examples_tiny import TINY_CONFIGS, save_tiny_model
+
+    if arch not in TINY_CONFIGS:
+        raise LlmcError(f"unknown --arch {arch!r}; choose one of {', '.join(TINY_CONFIGS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlmcError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        # Overwriting an earlier checkpoint is fine; filling an unrelated directory is not.
+        raise LlmcError(f"{out_dir} is not empty and holds no checkpoint; choose a new or empty directory")
+    transformers.utils.logging.disable_progress_bar()
+    with err.status(f"Building tiny {arch}..."):
+        path = save_tiny_model(arch, out_dir, seed=seed)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    out.print(f"wrote tiny {arch} (seed {seed}) to {escape(str(path))} ({human_bytes(size)})", soft_wrap=True)
+    out.print(f"next: llmc inspect {escape(str(path))} && llmc run {escape(str(path))}", soft_wrap=True)
+
+
+def main() -> None:
+    app()
