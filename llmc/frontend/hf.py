@@ -123,7 +123,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> ImportedMod
     offset = 3 if n + 3 <= (getattr(config, "max_position_embeddings", None) or n + 3) else 0
     probe = {"input_ids": torch.randint(0, vocab, (1, n), generator=rng),
              "position_ids": (torch.arange(n) + offset)[None]}
-    graph = Raiser(ep, probe, param_source, dtype).run()
+    graph = Raiser(ep, probe, param_source).run()
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     graph = Graph(graph.inputs, graph.params, graph.nodes, graph.outputs,
                   {**graph.meta, "architecture": arch, "model_type": config.model_type, "source": str(ckpt.path)})

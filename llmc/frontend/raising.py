@@ -88,7 +88,7 @@ class Raiser:
     """One raising run over one exported program."""
 
     def __init__(self, ep: ExportedProgram, probe_inputs: dict[str, torch.Tensor],
-                 param_source: Callable[[str], Param], dtype: torch.dtype) -> None:
+                 param_source: Callable[[str], Param]) -> None:
         self.ep = ep
         self.param_source = param_source
         self.builder = GraphBuilder()
@@ -101,7 +101,6 @@ class Raiser:
         self._rope_cache: dict[tuple, RopeTable | None] = {}
         self._buffers = {s.arg.name: s.target for s in ep.graph_signature.input_specs
                          if s.kind == InputKind.BUFFER}
-        self.dtype = dtype
 
     # ---- probe -----------------------------------------------------------------------------
     def _probe(self, user_inputs: dict[str, torch.Tensor]) -> dict[torch.fx.Node, Any]:
