@@ -15,3 +15,15 @@ class UnsupportedModelError(LlmcError):
 
 class IRError(LlmcError):
     """A graph is malformed (the verifier found a broken invariant)."""
+
+
+class PipelineError(LlmcError):
+    """A pass failed or left broken IR; names the pass and the passes run before it."""
+
+
+class PluginError(LlmcError):
+    """A plugin (entry point in group ``llmc.plugins``) is missing, fails to load or clashes with another."""
+
+
+class TargetError(LlmcError):
+    """A target YAML or a --set override is malformed: unknown key, bad value, unknown pass."""

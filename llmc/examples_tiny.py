@@ -9,6 +9,7 @@ enough that a 16-token prompt crosses them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -82,8 +83,37 @@ TINY_CONFIGS: dict[str, Callable[[], object]] = {
 }
 
 
+# A plain-text chat format for the tiny models, so chat templates can be exercised end to end.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def char_tokenizer():
+    """A character-level HF tokenizer over the 128 ASCII code points: id == ord(char), others -> '?'.
+
+    Vocab 128 is exactly the tiny models' vocab, so any text has a valid encoding.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    tokenizer = Tokenizer(WordLevel({chr(i): i for i in range(VOCAB)}, unk_token="?"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
+    tokenizer.decoder = decoders.Fuse()  # join the characters back without spaces
+    return tokenizer
+
+
+def save_char_tokenizer(out_dir: str | Path) -> None:
+    """Write ``char_tokenizer()`` as tokenizer.json plus a tokenizer_config.json with a chat template."""
+    out = Path(out_dir)
+    char_tokenizer().save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "?", "model_max_length": MAX_POSITIONS,
+              "clean_up_tokenization_spaces": False, "chat_template": TINY_CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny ``arch`` model with random weights from ``seed`` and save it (safetensors) to ``out_dir``."""
+    """Build the tiny ``arch`` model with random weights from ``seed`` and save it (safetensors) to
+    ``out_dir``, with a character-level tokenizer (``char_tokenizer``)."""
     import torch
     import transformers
 
@@ -96,4 +126,5 @@ def save_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = None
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
+    save_char_tokenizer(out)
     return out

@@ -1,1 +1,7 @@
-"""Built-in llmc passes (imported as ``llmc.passes``); one pass per file."""
+"""Built-in llmc passes (imported as ``llmc.passes``); one pass per file.
+
+Importing this package registers every built-in pass in ``llmc.pipeline.PASSES``. The list is
+explicit (no directory scan) so that what ships is what is reviewed.
+"""
+
+from llmc.passes import canonicalize  # noqa: F401

@@ -1,0 +1,211 @@
+"""Torch backend: the final IR -> ``model.py``, straight-line Python calling torch (CPU and CUDA).
+
+Each IR node becomes one assignment whose right-hand side comes from ``EMITTERS``, a table from op
+name to a function of (argument expressions, attrs) -> Python expression. Ops whose reference is
+more than a torch call (rms_norm, rope, attention) call small helpers that the template defines at
+the top of model.py, written to compute exactly what the op's reference in llmc/ir/ops.py computes.
+Repeated decoder layers become one function per layer kind (see ``layers.py``); nothing interprets
+the IR at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+import llmc
+from llmc.errors import LlmcError
+from llmc.ir import Graph, Node
+
+from .layers import LayerKind, LayerNumber, LayerRun, find_layer_kinds
+
+# (argument expressions, attrs) -> Python expression. ``attrs`` values are already Python literals.
+Emitter = Callable[[list[str], dict[str, str]], str]
+
+
+def _call(fn: str, *attr_names: str) -> Emitter:
+    """``fn(args..., name=attr, ...)``: a helper or torch function taking the attrs by keyword."""
+    return lambda a, k: f"{fn}({', '.join([*a, *(f'{n}={k[n]}' for n in attr_names)])})"
+
+
+# op name -> emitter; the comment says which reference in llmc/ir/ops.py it reproduces.
+EMITTERS: dict[str, Emitter] = {
+    "embedding": lambda a, k: f"F.embedding({a[0]}, {a[1]})",                       # F.embedding
+    "linear": lambda a, k: f"F.linear({', '.join(a)})",                              # F.linear(x, w[, b])
+    "rms_norm": _call("rms_norm", "eps", "offset"),                                  # helper, same math
+    "layer_norm": lambda a, k: f"F.layer_norm({a[0]}, {a[0]}.shape[-1:], {a[1]}, {a[2]}, {k['eps']})",
+    "rope": _call("rope", "head_dim", "rotary_dim", "interleaved", "scaling"),       # helper, same math
+    "attention": lambda a, k: _call("attention", "layer", "num_heads", "num_kv_heads", "head_dim", "scale",
+                                    "causal", "sliding_window", "softcap")([*a, "kv"], k),
+    "add": lambda a, k: f"{a[0]} + {a[1]}",                                           # torch.add
+    "mul": lambda a, k: f"{a[0]} * {a[1]}",                                           # torch.mul
+    "silu": lambda a, k: f"F.silu({a[0]})",
+    "gelu": lambda a, k: f"F.gelu({a[0]})",
+    "gelu_tanh": lambda a, k: f'F.gelu({a[0]}, approximate="tanh")',
+    "relu": lambda a, k: f"F.relu({a[0]})",
+    "tanh": lambda a, k: f"torch.tanh({a[0]})",
+    "scale": lambda a, k: f"{a[0]} * {k['factor']}",                                  # x * factor
+    "slice": lambda a, k: f"{a[0]}[:, {k['start']}:{k['stop']}]",
+    "cast": lambda a, k: f"{a[0]}.to(torch.{k['dtype'][1:-1]})",                      # dtype name literal
+}
+# Ops whose emitted code calls a helper the template defines (emitted only when used).
+TEMPLATE_HELPERS = {"rms_norm", "rope", "attention"}
+# Helper source for ops registered by plugins: op name -> a Python function definition.
+PLUGIN_HELPERS: dict[str, str] = {}
+RESERVED = {"forward", "w", "kv", "layer", "math", "torch", "F"} | TEMPLATE_HELPERS
+
+
+def register_emitter(op: str, emitter: Emitter, helper_source: str | None = None) -> None:
+    """Teach the torch backend a (plugin) op: ``emitter`` builds the expression; ``helper_source``,
+    if given, is a function definition pasted into model.py for the expression to call."""
+    if op in EMITTERS:
+        raise LlmcError(f"torch backend: op {op!r} already has an emitter")
+    EMITTERS[op] = emitter
+    if helper_source:
+        PLUGIN_HELPERS[op] = helper_source
+
+
+def literal(value: Any) -> str:
+    """A Python expression for an attr value that reads back as the same value."""
+    if isinstance(value, LayerNumber):
+        return "layer"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
+    if value is None or isinstance(value, (bool, int, str)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        items = [literal(v) for v in value]
+        return f"({', '.join(items)}{',' if len(items) == 1 else ''})" if isinstance(value, tuple) else f"[{', '.join(items)}]"
+    raise LlmcError(f"torch backend: cannot write attr value {value!r} ({type(value).__name__}) as Python")
+
+
+def value_name(ref: str) -> str:
+    """``%12`` -> ``v12``; graph inputs keep their (identifier) names: ``%positions`` -> ``positions``."""
+    name = ref[1:]
+    if name.isdigit():
+        return f"v{name}"
+    ident = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    if not ident.isidentifier() or keyword.iskeyword(ident) or ident in RESERVED:
+        ident = f"v_{ident}"
+    return ident
+
+
+def _param_expr(name: str) -> str:
+    return f"w[{json.dumps(name)}]"
+
+
+def _braced(text: str) -> str:
+    """``text`` as literal f-string content (braces doubled)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+@dataclass
+class LayerFunction:
+    name: str
+    doc: str
+    args: list[str]
+    body: list[str]
+    returns: list[str]
+
+
+def emit_line(node: Node, args: list[str], attrs: dict[str, Any], comment: str) -> str:
+    emitter = EMITTERS.get(node.op.name)
+    if emitter is None:
+        where = f" at {node.meta['module']}" if node.meta.get("module") else ""
+        raise LlmcError(f"torch backend: no code generator for op {node.op.name!r} (node {node.ref}{where}); "
+                        f"supported ops: {', '.join(sorted(EMITTERS))}. A plugin op needs "
+                        "llmc.codegen.torch_backend.register_emitter")
+    expr = emitter(args, {k: literal(v) for k, v in attrs.items()})
+    return f"{value_name(node.ref)} = {expr}" + (f"  # {comment}" if comment else "")
+
+
+class _Scope:
+    """Maps IR refs to Python expressions for one function body."""
+
+    def __init__(self, names: dict[str, str], param: Callable[[str], str] = _param_expr) -> None:
+        self.names = names
+        self.param = param
+
+    def expr(self, ref: str) -> str:
+        if ref.startswith("@"):
+            return self.param(ref[1:])
+        return self.names.get(ref) or value_name(ref)
+
+
+def _layer_function(kind: LayerKind) -> LayerFunction:
+    run = kind.template
+    value_inputs = [r for r in run.inputs if r not in run.graph_inputs]
+    arg_names = {r: ("x" if len(value_inputs) == 1 else f"x{i}") for i, r in enumerate(value_inputs)}
+    arg_names.update({r: value_name(r) for r in run.inputs if r in run.graph_inputs})
+    stem = run.stem
+
+    def param(name: str) -> str:
+        where, rest = run.param_key(name)
+        if where == "shared":
+            return _param_expr(name)
+        return f"w[f{json.dumps(_braced(stem) + '.{layer}.' + _braced(rest))}]"
+
+    scope = _Scope(arg_names, param)
+    body = []
+    for node in run.nodes:
+        attrs = {k: run.attr(k, v) for k, v in node.attrs}
+        module = node.meta.get("module") or ""
+        comment = module[len(run.prefix) + 1:] if module.startswith(run.prefix + ".") else ""
+        body.append(emit_line(node, [scope.expr(r) for r in node.inputs], attrs, comment))
+    layers = ", ".join(str(r.index) for r in kind.runs)
+    doc = (f"Layer ``{stem}.{{layer}}``, for layers {layers}; values are named after layer {run.index}'s IR nodes.")
+    return LayerFunction(kind.name, doc, ["w", "layer", "kv", *(arg_names[r] for r in run.inputs)],
+                         body, [value_name(r) for r in run.outputs])
+
+
+def _layer_call(kind: LayerKind, run: LayerRun) -> str:
+    args = ["w", str(run.index), "kv", *(value_name(r) for r in run.inputs)]
+    targets = ", ".join(value_name(r) for r in run.outputs)
+    return f"{targets} = {kind.name}({', '.join(args)})  # {run.prefix}"
+
+
+def _check_inputs(graph: Graph) -> list[str]:
+    names = [name for name, _ in graph.inputs]
+    if names != ["input_ids", "positions"]:
+        raise LlmcError(f"torch backend: the runtime calls forward(w, input_ids, positions, kv), but the graph's "
+                        f"inputs are {', '.join('%' + n for n in names)}")
+    return names
+
+
+def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
+                 factor_layers: bool = True) -> str:
+    """The source of model.py for ``graph`` (deterministic: same graph -> same text)."""
+    input_names = _check_inputs(graph)
+    for node in graph.nodes:  # fail before rendering anything, naming the first unsupported node
+        if node.op.name not in EMITTERS:
+            emit_line(node, [], {}, "")
+    found = find_layer_kinds(graph, RESERVED | set(EMITTERS)) if factor_layers else None
+    runs, kinds = found if found else ([], [])
+    kind_of = {id(run): kind for kind in kinds for run in kind.runs}
+    start_of = {run.nodes[0].ref: run for run in runs}
+    in_run = {n.ref for run in runs for n in run.nodes}
+    scope = _Scope({})
+    forward_body = []
+    for node in graph.nodes:
+        if node.ref in start_of:
+            run = start_of[node.ref]
+            forward_body.append(_layer_call(kind_of[id(run)], run))
+        elif node.ref not in in_run:
+            forward_body.append(emit_line(node, [scope.expr(r) for r in node.inputs], node.attr_dict,
+                                          node.meta.get("module") or ""))
+    used = {n.op.name for n in graph.nodes}
+    env = Environment(loader=PackageLoader("llmc.codegen", "templates"), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    arch = graph.meta.get("architecture", "model")
+    return env.get_template("model.py.jinja").render(
+        title=f"{arch}: the forward step of the compiled model.",
+        llmc_version=llmc.__version__, target_name=target_name, device=device, backend=backend,
+        input_names=input_names, helpers=sorted(used & TEMPLATE_HELPERS),
+        extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
+        layer_functions=[_layer_function(k) for k in kinds], forward_body=forward_body,
+        outputs=[(name, scope.expr(ref)) for name, ref in graph.outputs])
