@@ -1,4 +1,4 @@
-"""The `llmc` command line: make-tiny, inspect, run.
+"""The `llmc` command line: compile, targets, passes, make-tiny, inspect, run.
 
 Results go to stdout; progress (spinners) and errors go to stderr. An `LlmcError` is the user's to
 fix, so it is printed as one red line and exits with code 2 (click's code for bad usage); any other
@@ -23,13 +23,16 @@ from llmc.errors import LlmcError
 
 HELP = """\
 llmc compiles a Hugging Face causal language model (config.json + safetensors) into a
-self-contained inference package for one hardware target. Today it imports the model into llmc's
-IR and runs that IR with a reference interpreter; compilation passes, code generation and the
-packaged runtime come later.
+self-contained inference package for one hardware target: it imports the model into llmc's IR,
+runs the target's pass pipeline and generates a package that runs without llmc.
 
 Try it on the embedded tiny model:
 
-    llmc make-tiny build/tiny && llmc inspect build/tiny && llmc run build/tiny
+    llmc make-tiny build/tiny && llmc compile build/tiny --target cpu -o build/tiny-cpu
+
+    python build/tiny-cpu generate --prompt "def main" --max-tokens 16
+
+`llmc inspect` and `llmc run` show the IR and run it with the reference interpreter.
 """
 
 DEFAULT_TOKENS = "1,2,3,4,5,6,7,8"
@@ -264,6 +267,76 @@ def make_tiny(
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     out.print(f"wrote tiny {arch} (seed {seed}) to {escape(str(path))} ({human_bytes(size)})", soft_wrap=True)
     out.print(f"next: llmc inspect {escape(str(path))} && llmc run {escape(str(path))}", soft_wrap=True)
+
+@app.command("compile")
+@_reports_user_errors
+def compile_(
+    model_dir: Path = typer.Argument(..., help=MODEL_DIR_HELP),
+    target: str = typer.Option("cpu", "--target", "-t",
+                               help="Built-in target name (`cpu`, `h100`, ...) or a target YAML path."),
+    output: Path = typer.Option(..., "--output", "-o", help="Package directory to write (replaced whole)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set",
+                                             help="Override a target field or pass option: `a.b=c` (repeatable)."),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
+) -> None:
+    """Compile MODEL_DIR for a target into a self-contained package.
+
+    Example: `llmc compile build/tiny --target cpu -o build/tiny-cpu && python build/tiny-cpu generate --prompt "def "`
+    """
+    from llmc.compiler import compile_model
+
+    with err.status("compiling") as status:
+        result = compile_model(model_dir, target, output, overrides=set_ or (), dump_ir=dump_ir,
+                               on_event=lambda stage, detail: status.update(f"{stage}: {detail}"))
+    table = Table(title=f"{model_dir} -> {result.out_dir} (target {result.target.name})")
+    for column in ("pass", "changed", "nodes", "stats", "time"):
+        table.add_column(column)
+    for rec in result.report.records:
+        stats = ", ".join(f"{k}={v}" for k, v in sorted(rec.stats.items()))
+        table.add_row(rec.name, "yes" if rec.changed else "no", f"{rec.nodes_before} -> {rec.nodes_after}",
+                      stats, _ms(rec.seconds))
+    out.print(table)
+    floor = result.decode_floor_seconds
+    _field("import", _ms(result.stage_seconds["load"]))
+    _field("codegen", _ms(result.stage_seconds["codegen"]))
+    _field("weights", f"{human_bytes(result.weight_bytes)} in {len(result.graph.params)} tensors")
+    _field("roofline", f"decode >= {floor * 1e3:.3g} ms/token (<= {1 / floor:,.0f} tokens/s) reading weights "
+                       f"at {result.target.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s")
+    _field("run it", f"python {result.out_dir} generate --prompt \"...\" --max-tokens 32")
+
+
+@app.command()
+@_reports_user_errors
+def targets() -> None:
+    """List the built-in targets."""
+    from llmc.resources import available_targets
+    from llmc.target import load_target
+
+    table = Table()
+    for column in ("name", "device", "backend", "bandwidth", "dtypes", "pipeline"):
+        table.add_column(column)
+    for name in available_targets():
+        t = load_target(name)
+        table.add_row(name, t.device, t.backend, f"{t.memory_bandwidth_bytes_per_s / 1e9:,.0f} GB/s",
+                      ", ".join(t.dtypes), ", ".join(p.name for p in t.pipeline))
+    out.print(table)
+
+
+@app.command()
+@_reports_user_errors
+def passes() -> None:
+    """List the registered passes (built-in and plugins) with their options."""
+    from llmc.pipeline import PASSES
+
+    table = Table()
+    for column in ("pass", "options", "requires", "provides", "description"):
+        table.add_column(column)
+    for info in PASSES:
+        opts = ", ".join(f"{n}: {f.annotation.__name__ if hasattr(f.annotation, '__name__') else f.annotation}"
+                         f" = {f.default!r}" for n, f in info.options.model_fields.items())
+        table.add_row(info.name, opts or "-", ", ".join(info.requires) or "-", ", ".join(info.provides) or "-",
+                      info.doc)
+    out.print(table)
 
 
 def main() -> None:

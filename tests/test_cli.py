@@ -154,7 +154,8 @@ def test_readme_quick_start_is_the_cli_flow_and_the_ci_test_command():
     quick_start = readme.split("## Quick start")[1].split("\n## ")[0]
     setup, test = re.findall(r"```sh\n(.*?)\n```", quick_start, re.DOTALL)
     assert "\n" not in setup and "\n" not in test  # each is one shell line
-    assert setup.endswith("llmc make-tiny build/tiny && llmc inspect build/tiny && llmc run build/tiny")
+    assert setup.endswith("llmc make-tiny build/tiny && llmc compile build/tiny --target cpu -o build/tiny-cpu "
+                          "&& python build/tiny-cpu generate --prompt 'def main' --max-tokens 16")
     test_command = "python -m pytest -q -x --timeout=600 tests"
     assert test.endswith("&& " + test_command)
     assert test_command in (repo / ".ci" / "run").read_text()

@@ -1,0 +1,73 @@
+"""`llmc compile`: checkpoint -> IR -> the target's pipeline -> package directory, with progress events."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from llmc.ir import Graph
+
+# on_event(stage, detail): stage is "load", "pass", "codegen" or "done"; detail says what happens.
+EventFn = Callable[[str, str], None]
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    graph: Graph
+    target: object
+    report: object                      # llmc.pipeline.PipelineReport
+    cache_key: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.graph.param_bytes()
+
+    @property
+    def decode_floor_seconds(self) -> float:
+        """Time per decode token if only weight reads counted: bytes / memory bandwidth (roofline)."""
+        return self.weight_bytes / self.target.memory_bandwidth_bytes_per_s
+
+
+def target_source(name_or_path: str) -> str:
+    """The file a target comes from, for error messages (a path, or the built-in's file name)."""
+    path = Path(name_or_path)
+    return str(path) if path.is_file() else f"{name_or_path.removesuffix('.yaml')}.yaml"
+
+
+def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, *,
+                  overrides: Sequence[str] = (), dump_ir: str | Path | None = None,
+                  on_event: EventFn | None = None) -> CompileResult:
+    """Compile ``model_dir`` for ``target_name`` into ``out_dir``; every error is an LlmcError."""
+    from llmc.codegen import emit_package
+    from llmc.frontend.hf import load_hf
+    from llmc.pipeline import cache_key, run_pipeline, validate_pipeline
+    from llmc.target import load_target
+
+    notify = on_event or (lambda stage, detail: None)
+    seconds: dict[str, float] = {}
+    source = target_source(target_name)
+    target = load_target(target_name, overrides)
+    steps = validate_pipeline(target, source)  # fail on a bad pipeline before the slow import
+
+    notify("load", f"importing {model_dir} (torch.export + raising)")
+    start = time.perf_counter()
+    imported = load_hf(model_dir)
+    seconds["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report = run_pipeline(imported.graph, target, source=source, dump_dir=dump_ir,
+                          on_event=lambda kind, name, record: notify("pass", name) if kind == "start" else None)
+    seconds["passes"] = time.perf_counter() - start
+
+    notify("codegen", f"writing {out_dir} ({target.backend} backend)")
+    start = time.perf_counter()
+    key = cache_key(target, model_dir, steps)
+    report_dict = {**report.as_dict(timings=False), "cache_key": key}
+    out = emit_package(report.graph, target, out_dir, checkpoint_dir=model_dir, report=report_dict)
+    seconds["codegen"] = time.perf_counter() - start
+    notify("done", str(out))
+    return CompileResult(out, report.graph, target, report, key, seconds)
