@@ -144,6 +144,11 @@ def _read(name_or_path: str) -> tuple[str, str]:
     builtins = available_targets()
     if stem in builtins:
         return target_text(stem), str(files("llmc.targets") / f"{stem}.yaml")
+    from llmc.plugins import plugin_target_path  # plugin targets are named like built-in ones
+
+    plugin_path = plugin_target_path(stem)
+    if plugin_path is not None:
+        return plugin_path.read_text(encoding="utf-8"), str(plugin_path)
     close = difflib.get_close_matches(stem, builtins, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise TargetError(f"no target {name_or_path!r}: no such file, and the built-in targets are "

@@ -200,6 +200,8 @@ def test_a_plugin_can_register_a_target_but_not_shadow_a_built_in_one(tmp_path, 
     install_entry_points(tmp_path / "site", "board_plugin", {"board": "board_plugin"}, monkeypatch)
     assert plugins.plugin_target_path("board.yaml") == tmp_path / "board.yaml"   # a module entry point
     assert plugins.plugin_target_path("nowhere") is None
+    from llmc.target import load_target
+    assert load_target("board").name == "board"                                   # --target board works
     with pytest.raises(PluginError, match=r"target 'cpu' is built in"):
         plugins.register_target("cpu", tmp_path / "board.yaml")
 
