@@ -1,4 +1,4 @@
-"""Shared by the codegen and standalone-package tests: a cpu target, file hashes, loading a package."""
+"""Shared test helpers: cpu targets (plain or with a custom pipeline), file hashes, loading a package."""
 
 from __future__ import annotations
 
@@ -6,25 +6,25 @@ import hashlib
 import importlib.util
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
+import yaml
 
-class StandInTarget(SimpleNamespace):
-    """The few Target attributes codegen reads, for when llmc.target is not importable."""
-
-    def model_dump(self, mode: str = "json", by_alias: bool = True) -> dict:
-        return {"name": self.name, "device": self.device, "backend": self.backend,
-                "runtime": {"default_dtype": self.runtime.default_dtype}}
+from llmc.resources import target_text
+from llmc.target import load_target
 
 
 def cpu_target(**fields):
-    try:
-        from llmc.target import load_target
-    except ImportError:
-        base = dict(name="cpu", device="cpu", backend="torch", runtime=SimpleNamespace(default_dtype="float32"))
-        return StandInTarget(**{**base, **fields})
     target = load_target("cpu")
     return target.model_copy(update=fields) if fields else target
+
+
+def target_with(tmp_path: Path, pipeline: list[dict], file_name: str = "target.yaml"):
+    """The built-in cpu target with ``pipeline`` swapped in, loaded from a YAML file like a user's."""
+    data = yaml.safe_load(target_text("cpu"))
+    data["pipeline"] = pipeline
+    path = tmp_path / file_name
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return load_target(str(path)), str(path)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

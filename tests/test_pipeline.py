@@ -9,23 +9,15 @@ import inspect
 import sys
 
 import pytest
-import yaml
 
 from llmc.errors import PipelineError, TargetError
 from llmc.ir import Graph, GraphBuilder, Param, T, TensorType, format_graph
 from llmc.pipeline import (PASSES, PassOptions, PassRegistry, PassResult, cache_key, register_pass, run_pipeline,
                            validate_pipeline)
-from llmc.resources import target_text
 from llmc.target import load_target
+from package_helpers import target_with
 
 
-def target_with(tmp_path, pipeline: list[dict]):
-    """The built-in cpu target with ``pipeline`` swapped in, loaded from a YAML file like a user's."""
-    data = yaml.safe_load(target_text("cpu"))
-    data["pipeline"] = pipeline
-    path = tmp_path / "my-target.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return load_target(str(path)), str(path)
 
 
 def small_graph() -> Graph:
@@ -75,7 +67,7 @@ def test_unknown_pass_names_the_file_the_key_path_and_the_closest_name(tmp_path)
         target, source = target_with(tmp_path, [{"pass": "canonicalise"}])
         validate_pipeline(target, source)
     message = str(err.value)
-    assert "my-target.yaml" in message and "pipeline[0].pass" in message
+    assert "target.yaml" in message and "pipeline[0].pass" in message
     assert "did you mean 'canonicalize'" in message
 
 
@@ -88,7 +80,7 @@ def test_bad_option_names_the_file_the_key_path_and_the_fix(tmp_path, options, k
         target, source = target_with(tmp_path, [{"pass": "canonicalize", "options": options}])
         validate_pipeline(target, source)
     message = str(err.value)
-    assert "my-target.yaml" in message and key in message and hint in message
+    assert "target.yaml" in message and key in message and hint in message
 
 
 def test_valid_options_are_parsed_into_the_pass_options_model(tmp_path):
@@ -103,7 +95,7 @@ def test_requires_must_be_provided_by_an_earlier_pass(tmp_path):
     register_pass("canon", provides=("canonical",), registry=registry)(keep)
     register_pass("needs_raised", requires=("raised",), registry=registry)(keep)  # the frontend provides it
     target, source = target_with(tmp_path, [{"pass": "needs_raised"}, {"pass": "lower"}, {"pass": "canon"}])
-    with pytest.raises(TargetError, match=r"my-target\.yaml: pipeline\[1\]\.pass: pass 'lower' requires "
+    with pytest.raises(TargetError, match=r"target\.yaml: pipeline\[1\]\.pass: pass 'lower' requires "
                                           r"'canonical'.*pass 'canon' \(pipeline\[2\]\).*move it before"):
         validate_pipeline(target, source, registry)
     target, source = target_with(tmp_path, [{"pass": "lower"}])

@@ -19,7 +19,6 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
-import yaml
 
 import llmc.plugins as plugins
 from llmc.errors import PluginError, TargetError
@@ -31,6 +30,7 @@ from llmc.ir import OPS, GraphBuilder, Interpreter, T, TensorType
 from llmc.pipeline import PASSES, run_pipeline, validate_pipeline
 from llmc.resources import target_text
 from llmc.target import load_target
+from package_helpers import target_with
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "llmc-plugin-example"
 
@@ -70,12 +70,6 @@ def example_plugin(tmp_path, monkeypatch) -> dict[str, str]:
     return entry_points
 
 
-def target_with(tmp_path, pipeline: list[dict]):
-    data = yaml.safe_load(target_text("cpu"))
-    data["pipeline"] = pipeline
-    path = tmp_path / "with-plugin.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return load_target(str(path)), str(path)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +106,7 @@ def test_a_target_naming_the_plugin_pass_loads_the_plugin_and_runs_it(example_pl
 
 def test_plugin_pass_options_are_validated_like_built_in_ones(example_plugin, tmp_path):
     target, source = target_with(tmp_path, [{"pass": "layer_stats", "options": {"layer_patern": "x"}}])
-    with pytest.raises(TargetError, match=r"with-plugin\.yaml: pipeline\[0\]\.options\.layer_patern: unknown "
+    with pytest.raises(TargetError, match=r"target\.yaml: pipeline\[0\]\.options\.layer_patern: unknown "
                                           r"option of pass 'layer_stats'; did you mean 'layer_pattern'"):
         validate_pipeline(target, source)
 

@@ -9,25 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
 from llmc.errors import TargetError
 from llmc.examples_tiny import save_tiny_model
 from llmc.frontend.hf import load_hf
 from llmc.ir import Graph, GraphBuilder, Interpreter, Param, T, TensorType, format_graph
 from llmc.pipeline import PASSES, PassContext, run_pipeline, validate_pipeline
-from llmc.resources import target_text
 from llmc.target import load_target
+from package_helpers import target_with
 
 ATOL = 1e-6
 
 
-def target_with(tmp_path, pipeline: list[dict]):
-    data = yaml.safe_load(target_text("cpu"))
-    data["pipeline"] = pipeline
-    path = tmp_path / "target.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return load_target(str(path)), str(path)
 
 
 def canonicalize(graph: Graph, **options):
