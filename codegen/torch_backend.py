@@ -2,14 +2,15 @@
 
 Each IR node becomes one assignment whose right-hand side comes from ``EMITTERS``, a table from op
 name to a function of (argument expressions, attrs) -> Python expression. Ops whose reference is
-more than a torch call (rms_norm, rope, attention) call small helpers that the template defines at
-the top of model.py, written to compute exactly what the op's reference in llmc/ir/ops.py computes.
+more than a torch call (rms_norm, rope, attention) call helpers whose source is copied from
+``llmc/runtime/functional.py``, the same functions the ops' references in llmc/ir/ops.py call.
 Repeated decoder layers become one function per layer kind (see ``layers.py``); nothing interprets
 the IR at run time.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import keyword
 import math
@@ -21,6 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 import llmc
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
+from llmc.runtime import functional
 
 from .layers import LayerKind, LayerNumber, LayerRun, find_layer_kinds
 
@@ -205,7 +207,8 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
     return env.get_template("model.py.jinja").render(
         title=f"{arch}: the forward step of the compiled model.",
         llmc_version=llmc.__version__, target_name=target_name, device=device, backend=backend,
-        input_names=input_names, helpers=sorted(used & TEMPLATE_HELPERS),
+        input_names=input_names,
+        helpers=[inspect.getsource(getattr(functional, op)).rstrip() for op in sorted(used & TEMPLATE_HELPERS)],
         extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
         layer_functions=[_layer_function(k) for k in kinds], forward_body=forward_body,
         outputs=[(name, scope.expr(ref)) for name, ref in graph.outputs])

@@ -1,12 +1,12 @@
 """The built-in LLM-level ops, in token-flattened layout ``[T, features]``, with torch references.
 
 References compute in float32 where HF does (norms, softmax) and are the oracle for every pass and
-kernel: keep them plain and obviously right rather than fast.
+kernel: keep them plain and obviously right rather than fast. The multi-step ones live in
+``llmc/runtime/functional.py`` so the generated packages run the very same code.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from llmc.errors import IRError
 from llmc.ir.opdef import register_op
 from llmc.ir.types import DTYPES, TensorType
+from llmc.runtime import functional
 
 
 def _same(types: list[TensorType], attrs: dict[str, Any]) -> TensorType:
@@ -83,12 +84,7 @@ class RMSNorm:
 
     @staticmethod
     def reference(ctx, inputs, attrs):
-        x, w = inputs
-        group = w.shape[0]
-        xf = x.float().reshape(x.shape[0], -1, group)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + attrs["eps"])
-        out = xf * (attrs["offset"] + w.float())
-        return out.reshape(x.shape).to(x.dtype)
+        return functional.rms_norm(*inputs, eps=attrs["eps"], offset=attrs["offset"])
 
 
 @register_op("layer_norm", ("x", "weight", "bias"), {"eps": 1e-5})
@@ -129,21 +125,7 @@ class Rope:
 
     @staticmethod
     def reference(ctx, inputs, attrs):
-        x, positions, inv_freq = inputs
-        hd, rd = attrs["head_dim"], attrs["rotary_dim"]
-        xh = x.reshape(x.shape[0], -1, hd)
-        freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, rd/2]
-        cos = (freqs.cos() * attrs["scaling"]).to(x.dtype)[:, None, :]
-        sin = (freqs.sin() * attrs["scaling"]).to(x.dtype)[:, None, :]
-        rot, rest = xh[..., :rd], xh[..., rd:]
-        if attrs["interleaved"]:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
-            cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
-            out = rot * cos2 + torch.cat((-x2, x1), -1) * sin2
-        return torch.cat((out, rest), -1).reshape(x.shape)
+        return functional.rope(*inputs, **attrs)
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -173,23 +155,7 @@ class Attention:
 
     @staticmethod
     def reference(ctx, inputs, attrs):
-        q, k, v, positions = inputs
-        h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
-        k_all, v_all, kpos = ctx.kv.append(attrs["layer"], k.reshape(len(k), kvh, d),
-                                           v.reshape(len(v), kvh, -1), positions)
-        qh = q.reshape(len(q), h, d).transpose(0, 1).float()                  # [H, Tq, D]
-        kh = k_all.transpose(0, 1).float().repeat_interleave(h // kvh, 0)     # [H, S, D]
-        vh = v_all.transpose(0, 1).float().repeat_interleave(h // kvh, 0)
-        scores = (qh @ kh.transpose(1, 2)) * attrs["scale"]
-        if attrs["softcap"]:
-            scores = attrs["softcap"] * torch.tanh(scores / attrs["softcap"])
-        allowed = kpos[None, :] <= positions[:, None] if attrs["causal"] else torch.ones(
-            len(positions), len(kpos), dtype=torch.bool)
-        if attrs["sliding_window"]:
-            allowed &= positions[:, None] - kpos[None, :] < attrs["sliding_window"]
-        scores = scores.masked_fill(~allowed, -math.inf)
-        out = torch.softmax(scores, -1) @ vh                                  # [H, Tq, Dv]
-        return out.transpose(0, 1).reshape(len(q), -1).to(q.dtype)
+        return functional.attention(*inputs, ctx.kv, **attrs)
 
 
 # ---- elementwise ---------------------------------------------------------------------------------

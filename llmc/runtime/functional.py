@@ -1,0 +1,61 @@
+"""The math of the ops whose reference is more than one torch call: RMSNorm, rotary, attention.
+
+One implementation serves both sides: llmc's reference interpreter calls these functions, and the torch
+backend copies their source into every generated model.py (so a package needs no llmc). Plain,
+float32 where HF computes in float32, and obviously right rather than fast.
+"""
+
+import math
+
+import torch
+
+
+def rms_norm(x, weight, eps, offset):
+    """RMSNorm in float32 over groups of ``weight.numel()`` features: ``x / rms(x) * (offset + weight)``."""
+    group = weight.shape[0]
+    xf = x.float().reshape(x.shape[0], -1, group)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + weight.float())).reshape(x.shape).to(x.dtype)
+
+
+def rope(x, positions, inv_freq, head_dim, rotary_dim, interleaved, scaling):
+    """Rotary embedding on each head's first ``rotary_dim`` features, angles ``positions * inv_freq``."""
+    xh = x.reshape(x.shape[0], -1, head_dim)
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, rotary_dim / 2]
+    cos = (freqs.cos() * scaling).to(x.dtype)[:, None, :]
+    sin = (freqs.sin() * scaling).to(x.dtype)[:, None, :]
+    rot, rest = xh[..., :rotary_dim], xh[..., rotary_dim:]
+    if interleaved:  # GPT-J: rotate pairs (2i, 2i+1)
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:  # Llama: rotate halves
+        x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
+        cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        out = rot * cos2 + torch.cat((-x2, x1), -1) * sin2
+    return torch.cat((out, rest), -1).reshape(x.shape)
+
+
+def attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, scale, causal,
+              sliding_window, softcap):
+    """Multi-head attention with GQA over this step's tokens and the layer's cached keys/values.
+
+    Query at position p attends to cached keys at positions in ``(p - sliding_window, p]``;
+    ``softcap`` applies ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
+    """
+    k_all, v_all, kpos = kv.append(layer, k.reshape(len(k), num_kv_heads, head_dim),
+                                   v.reshape(len(v), num_kv_heads, -1), positions)
+    qh = q.reshape(len(q), num_heads, head_dim).transpose(0, 1).float()                  # [H, Tq, D]
+    kh = k_all.transpose(0, 1).float().repeat_interleave(num_heads // num_kv_heads, 0)  # [H, S, D]
+    vh = v_all.transpose(0, 1).float().repeat_interleave(num_heads // num_kv_heads, 0)
+    scores = (qh @ kh.transpose(1, 2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if causal:
+        allowed = kpos[None, :] <= positions[:, None]
+    else:
+        allowed = torch.ones(len(positions), len(kpos), dtype=torch.bool, device=positions.device)
+    if sliding_window:
+        allowed &= positions[:, None] - kpos[None, :] < sliding_window
+    scores = scores.masked_fill(~allowed, -math.inf)
+    out = torch.softmax(scores, -1) @ vh                                                 # [H, Tq, Dv]
+    return out.transpose(0, 1).reshape(len(q), -1).to(q.dtype)
