@@ -32,12 +32,6 @@ class CompileResult:
         return self.weight_bytes / self.target.memory_bandwidth_bytes_per_s
 
 
-def target_source(name_or_path: str) -> str:
-    """The file a target comes from, for error messages (a path, or the built-in's file name)."""
-    path = Path(name_or_path)
-    return str(path) if path.is_file() else f"{name_or_path.removesuffix('.yaml')}.yaml"
-
-
 def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, *,
                   overrides: Sequence[str] = (), dump_ir: str | Path | None = None,
                   on_event: EventFn | None = None) -> CompileResult:
@@ -45,12 +39,11 @@ def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, 
     from llmc.codegen import emit_package
     from llmc.frontend.hf import load_hf
     from llmc.pipeline import cache_key, run_pipeline, validate_pipeline
-    from llmc.target import load_target
+    from llmc.target import load_target_with_source
 
     notify = on_event or (lambda stage, detail: None)
     seconds: dict[str, float] = {}
-    source = target_source(target_name)
-    target = load_target(target_name, overrides)
+    target, source = load_target_with_source(target_name, overrides)
     steps = validate_pipeline(target, source)  # fail on a bad pipeline before the slow import
 
     notify("load", f"importing {model_dir} (torch.export + raising)")

@@ -113,6 +113,11 @@ def load_target(name_or_path: str, overrides: Sequence[str] = ()) -> Target:
 
     A file wins over a built-in of the same name, so an edited copy ``./h100.yaml`` is used as is.
     """
+    return load_target_with_source(name_or_path, overrides)[0]
+
+
+def load_target_with_source(name_or_path: str, overrides: Sequence[str] = ()) -> tuple[Target, str]:
+    """``load_target`` plus the file the target came from, for later errors to name."""
     text, source = _read(str(name_or_path))
     try:
         raw = yaml.safe_load(text)
@@ -127,7 +132,7 @@ def load_target(name_or_path: str, overrides: Sequence[str] = ()) -> Target:
         raise TargetError(f"{source}: a target must be a mapping of keys, got {type(raw).__name__}")
     applied = {tuple(_apply_override(raw, o, source)): o for o in overrides}
     try:
-        return Target.model_validate(raw)
+        return Target.model_validate(raw), source
     except ValidationError as exc:
         problems = "\n".join(_describe(e, nodes, raw, applied) for e in exc.errors())
         raise TargetError(f"{source}: invalid target:\n{problems}") from None
