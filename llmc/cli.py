@@ -124,15 +124,14 @@ def inspect(
 
 
 def _parse_tokens(text: str) -> list[int]:
-    ids = []
-    for piece in text.split(","):
-        piece = piece.strip()
-        try:
-            ids.append(int(piece))
-        except ValueError:
-            raise LlmcError(f"--tokens: {piece!r} is not an integer; write ids separated by commas, "
-                            "e.g. --tokens 1,2,3") from None
-    return ids
+    """Comma-separated ids, parsed by the package runtime's own parser (one syntax for both CLIs)."""
+    from llmc.runtime.cli import parse_ids
+    from llmc.runtime.engine import PackageError
+
+    try:
+        return parse_ids(text)
+    except PackageError as exc:
+        raise LlmcError(str(exc)) from None
 
 
 def _tokenizer(model_dir: Path):
