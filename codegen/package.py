@@ -285,7 +285,8 @@ name = "{dist}"
 version = "{version}"
 description = "A model compiled by llmc {version} for target {target}."
 requires-python = ">=3.10"
-dependencies = ["torch>=2.1", "safetensors", "tokenizers", "jinja2"]
+dependencies = ["torch>=2.1", "safetensors", "tokenizers", "jinja2", "fastapi", "uvicorn", "pydantic>=2",
+                "prometheus-client"]
 
 [project.scripts]
 {name} = "{name}.runtime.cli:main"
