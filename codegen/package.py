@@ -34,9 +34,10 @@ from .torch_backend import render_model
 
 WEIGHTS_FILE = "weights/model.safetensors"
 # Copied byte for byte from the checkpoint when present: what the runtime tokenizer and stop
-# tokens read (chat_template.jinja is where transformers >= 4.43 saves a chat template).
+# tokens read (chat_template.jinja is where transformers >= 4.43 saves a chat template), and the
+# train/held-out file list `python PKG eval` scores (split.json, see runtime/evaluate.py).
 CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja")
+                    "generation_config.json", "chat_template.jinja", "split.json")
 # Report keys that hold wall-clock times: they differ run to run, so they stay out of the package.
 TIMING_KEYS = re.compile(r"^(seconds|time|timestamp|elapsed|duration)$|_(seconds|time|ms)$")
 BACKENDS = {"torch": render_model}
