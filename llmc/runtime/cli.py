@@ -1,4 +1,4 @@
-"""The package's command line: ``python PKG generate ...`` and ``python PKG info``.
+"""The package's command line: ``python PKG generate ...``, ``python PKG eval`` and ``python PKG info``.
 
 Results go to stdout; errors are one line on stderr (``error: ...``) with exit code 2, like the
 llmc CLI. Only argparse and the runtime modules are used, so it runs where llmc is not installed.
@@ -11,16 +11,18 @@ import json
 import sys
 from pathlib import Path
 
+from . import evaluate
 from .engine import Engine, PackageError, read_plan
 from .sampler import SamplingError
 from .tokenizer import PackageTokenizer, TokenizerError
 
 USER_ERROR_EXIT = 2
-USER_ERRORS = (PackageError, SamplingError, TokenizerError)
+USER_ERRORS = (PackageError, SamplingError, TokenizerError, evaluate.EvalError)
 
 EPILOG = """examples:
   python PKG generate --prompt "Once upon a time" --max-tokens 32
   python PKG generate --tokens 1,2,3 --max-tokens 8 --temperature 0.8 --top-p 0.9 --seed 0
+  python PKG eval --tokens 4096 --json eval.json
   python PKG info"""
 
 
@@ -50,6 +52,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="Do not stop at the end-of-sequence token.")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [the target's device].")
     commands.add_parser("info", help="Print the target, model and passes this package was compiled with.")
+    ev = commands.add_parser("eval", help="Perplexity on the held-out files named by split.json, vs a unigram "
+                                          "baseline (and KL / top-1 agreement with --reference PKG).")
+    evaluate.add_arguments(ev)
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [the target's device].")
     return parser
 
 
@@ -112,12 +118,20 @@ def info(package_dir: Path) -> None:
     print(f"llmc        {plan.get('llmc_version', '?')}")
 
 
+def package_logits(package_dir: Path, device: str | None):
+    """(ids -> logits of every position, max positions) of a package, for evaluate.run."""
+    max_positions = read_plan(package_dir).get("model", {}).get("max_positions")
+    return Engine.from_package(package_dir, device=device).prefill, max_positions
+
+
 def main(argv: list[str] | None = None, package_dir: str | Path | None = None) -> int:
     package_dir = Path(package_dir) if package_dir else Path(__file__).resolve().parent.parent
     args = build_parser(f"python {package_dir.name}").parse_args(argv)
     try:
         if args.command == "generate":
             generate(args, package_dir)
+        elif args.command == "eval":
+            print(evaluate.run_from_args(args, package_dir, lambda d: package_logits(d, args.device)))
         else:
             info(package_dir)
     except USER_ERRORS as exc:
