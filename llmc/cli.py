@@ -1,4 +1,4 @@
-"""The `llmc` command line: compile, targets, passes, make-tiny, inspect, run.
+"""The `llmc` command line: compile, eval, targets, passes, make-tiny, inspect, run.
 
 Results go to stdout; progress (spinners) and errors go to stderr. An `LlmcError` is the user's to
 fix, so it is printed as one red line and exits with code 2 (click's code for bad usage); any other
@@ -302,6 +302,81 @@ def compile_(
     _field("roofline", f"decode >= {floor * 1e3:.3g} ms/token (<= {1 / floor:,.0f} tokens/s) reading weights "
                        f"at {result.target.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s")
     _field("run it", f"python {result.out_dir} generate --prompt \"...\" --max-tokens 32")
+
+
+def _eval_logits(path: Path):
+    """(ids -> float32 logits of every position, max positions) of an llmc package or a HF checkpoint.
+
+    A package (it has plan.json) runs through its own runtime; a checkpoint runs in HF transformers
+    eager, float32, built by the frontend's safe loader (safetensors only, no remote code).
+    """
+    import torch
+
+    if (path / "plan.json").is_file():
+        from llmc.runtime.cli import package_logits
+
+        return package_logits(path, None)
+    from llmc.frontend.checkpoint import Checkpoint
+    from llmc.frontend.hf import build_hf_model, load_config
+
+    ckpt = Checkpoint.open(path)
+    config = load_config(ckpt)
+    model = build_hf_model(ckpt, config, torch.float32)
+
+    @torch.inference_mode()
+    def logits(ids) -> torch.Tensor:
+        return model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0]
+
+    return logits, getattr(config, "max_position_embeddings", None)
+
+
+@app.command("eval")
+@_reports_user_errors
+def eval_(
+    model: Path = typer.Argument(..., metavar="MODEL_OR_PACKAGE",
+                                 help="HF checkpoint or llmc package directory holding split.json."),
+    reference: Optional[Path] = typer.Option(None, "--reference", "-r", metavar="MODEL_OR_PACKAGE",
+                                             help="Compare next-token distributions with this model (same tokenizer)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", "-n", min=1,
+                                         help="Held-out tokens to score [default: 16384, about a minute on 2 cores]."),
+    context: Optional[int] = typer.Option(None, "--context", min=2, help="Window length [the model's positions, max 512]."),
+    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="Window step [context / 2]."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir",
+                                            help="Root of split.json's relative paths [this Python's stdlib]."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Held-out perplexity vs a unigram baseline, and agreement with a reference model.
+
+    Scores the held-out files named by the model's split.json with a sliding window.
+
+    Example: `llmc eval build/stdlib-cpu --reference examples/models/stdlib-llama-6m --json eval.json`
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmc.runtime import evaluate
+    from llmc.runtime.engine import PackageError
+
+    columns = (TextColumn("scoring held-out tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("eval", total=tokens or evaluate.DEFAULT_TOKENS)
+        try:
+            result = evaluate.run(model, _eval_logits, reference_dir=reference,
+                                  tokens=tokens or evaluate.DEFAULT_TOKENS, context=context, stride=stride,
+                                  data_dir=data_dir, json_path=json_path,
+                                  on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except (evaluate.EvalError, PackageError) as exc:
+            raise LlmcError(str(exc)) from None
+    title = f"{model} on held-out files" + (f", reference {reference}" if reference is not None else "")
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, value in evaluate.report_rows(result):
+        table.add_row(label, value)
+    out.print(table)
+    for note in evaluate.caveats(result):
+        err.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
+    if json_path is not None:
+        _field("json", escape(str(json_path)))
 
 
 @app.command()
