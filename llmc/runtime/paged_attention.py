@@ -1,0 +1,165 @@
+"""Attention over a paged KV cache: the page pool, one step's attention metadata, and the math.
+
+The KV cache of every layer is a pool of fixed-size pages, ``[num_blocks, block_size, kv_heads,
+head_dim]``; a sequence owns a list of page ids (its *block table*) and token ``i`` of the sequence
+lives in page ``block_table[i // block_size]`` at row ``i % block_size``. One forward step runs the
+tokens of many sequences flattened together (``[T, features]``): decodes (one query token each)
+first, then prefill chunks. ``paged_attention`` first writes every new token's k/v into its slot
+(``slot_mapping``), then each query attends to its sequence's keys through the block table — so a
+sequence may read pages another sequence of the same step writes (a shared prefix), and a prefill
+chunk sees the pages computed in earlier steps.
+
+The functions here are the torch (ATen) implementation: a gather of the block table's pages and a
+masked softmax in float32, the same math as ``functional.attention``. llmc's IR reference for the
+``paged_attention`` op calls ``paged_attention``, and the torch backend copies this module's
+functions into every generated model.py. Key ``j`` of a sequence sits at position ``j``: the
+runtime always fills a sequence's cache from position 0 without gaps.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class KVPool:
+    """The K and V pages of every layer, allocated up front (``layer_shapes``) or on first use."""
+
+    def __init__(self, num_blocks, block_size, dtype=torch.float32, device="cpu", layer_shapes=None):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.k = {}
+        self.v = {}
+        for layer, (kv_heads, head_dim, v_head_dim) in (layer_shapes or {}).items():
+            self._allocate(layer, kv_heads, head_dim, v_head_dim)
+
+    def _allocate(self, layer, kv_heads, head_dim, v_head_dim):
+        shape = (self.num_blocks, self.block_size, kv_heads)
+        self.k[layer] = torch.zeros(*shape, head_dim, dtype=self.dtype, device=self.device)
+        self.v[layer] = torch.zeros(*shape, v_head_dim, dtype=self.dtype, device=self.device)
+
+    def layer(self, layer, kv_heads, head_dim, v_head_dim):
+        """The (k, v) pages of ``layer``; allocated on the first call when not sized up front."""
+        if layer not in self.k:
+            self._allocate(layer, kv_heads, head_dim, v_head_dim)
+        return self.k[layer], self.v[layer]
+
+    @staticmethod
+    def bytes_per_block(block_size, layer_shapes, dtype_bytes):
+        """Bytes one page id costs across all layers (K and V)."""
+        return block_size * dtype_bytes * sum(kvh * (hd + vhd) for kvh, hd, vhd in layer_shapes.values())
+
+    def copy_blocks(self, pairs):
+        """Copy page ``src`` to page ``dst`` in every layer (copy-on-write of a shared page)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for pages in (*self.k.values(), *self.v.values()):
+            pages[dst] = pages[src]
+
+
+@dataclass
+class PagedStep:
+    """Attention metadata of one forward step over ``B`` sequences and ``T`` tokens.
+
+    Sequences ``0 .. num_decodes-1`` contribute one query token each; the rest are prefill chunks.
+    ``query_start[i]:query_start[i+1]`` are sequence i's rows of the step, ``seq_lens[i]`` its cached
+    length after the step, ``block_tables[i]`` its page ids (padded with 0 past its last page).
+    """
+
+    pool: KVPool
+    slot_mapping: torch.Tensor   # [T] int64: page * block_size + row of each new token
+    block_tables: torch.Tensor   # [B, max pages] int64
+    seq_lens: torch.Tensor       # [B] int64
+    query_start: list            # B + 1 python ints
+    num_decodes: int
+
+    def begin_step(self, positions):
+        """Nothing to prepare: the runtime built this step's metadata (single-sequence caches do more)."""
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping):
+    """Store this step's ``k`` [T, kv_heads, D] / ``v`` into their slots of the layer's pages."""
+    k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slot_mapping, k.to(k_pages.dtype))
+    v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
+
+
+def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap):
+    """Attention of ``q`` [B, Tq, H, D] over ``keys`` [B, S, KVH, D] / ``values`` [B, S, KVH, Dv].
+
+    Key j of row b sits at position j and exists when ``j < k_len[b]``; query t of row b is at
+    ``q_pos[b, t]``. GQA groups queries per KV head instead of repeating K/V. float32 math.
+    """
+    b, tq, h, d = q.shape
+    kvh = keys.shape[2]
+    qg = q.float().reshape(b, tq, kvh, h // kvh, d).permute(0, 2, 3, 1, 4)   # [B, KVH, G, Tq, D]
+    kt = keys.float().permute(0, 2, 3, 1)                                    # [B, KVH, D, S]
+    vt = values.float().permute(0, 2, 1, 3)                                  # [B, KVH, S, Dv]
+    scores = (qg @ kt[:, :, None]) * scale                                   # [B, KVH, G, Tq, S]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    kpos = torch.arange(keys.shape[1], device=q.device)
+    allowed = kpos[None, None, :] < k_len[:, None, None]                     # [B, 1, S]
+    if causal:
+        allowed = allowed & (kpos[None, None, :] <= q_pos[:, :, None])       # [B, Tq, S]
+    if sliding_window:
+        allowed = allowed & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
+    scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
+    out = torch.softmax(scores, -1) @ vt[:, :, None]                         # [B, KVH, G, Tq, Dv]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, tq, -1)
+
+
+def gather_pages(pages, block_tables, length):
+    """The first ``length`` cached rows of each sequence: [B, length, KVH, D] read through its pages."""
+    b, n = block_tables.shape
+    rows = pages[block_tables].reshape(b, n * pages.shape[1], *pages.shape[2:])
+    return rows[:, :length]
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, positions, num_heads, head_dim,
+                           scale, causal, sliding_window, softcap):
+    """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched."""
+    longest = int(seq_lens.max())
+    width = -(-longest // k_pages.shape[1])
+    tables = block_tables[:, :width]
+    keys, values = gather_pages(k_pages, tables, longest), gather_pages(v_pages, tables, longest)
+    out = attend(q.reshape(len(q), 1, num_heads, head_dim), keys, values, positions[:, None], seq_lens,
+                 scale, causal, sliding_window, softcap)
+    return out.reshape(len(q), -1)
+
+
+def paged_prefill_attention(q, k_pages, v_pages, block_table, seq_len, positions, num_heads, head_dim,
+                            scale, causal, sliding_window, softcap):
+    """A chunk of one sequence's tokens (``q`` [Tq, H*D]) over its pages (earlier chunks included)."""
+    width = -(-seq_len // k_pages.shape[1])
+    keys = gather_pages(k_pages, block_table[None, :width], seq_len)
+    values = gather_pages(v_pages, block_table[None, :width], seq_len)
+    lens = torch.tensor([seq_len], device=q.device)
+    out = attend(q.reshape(1, len(q), num_heads, head_dim), keys, values, positions[None], lens,
+                 scale, causal, sliding_window, softcap)
+    return out.reshape(len(q), -1)
+
+
+def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, scale, causal,
+                    sliding_window, softcap):
+    """Write this step's k/v into the pages, then decode and prefill attention over them."""
+    k = k.reshape(len(k), num_kv_heads, head_dim)
+    v = v.reshape(len(v), num_kv_heads, -1)
+    k_pages, v_pages = kv.pool.layer(layer, num_kv_heads, head_dim, v.shape[-1])
+    write_kv(k_pages, v_pages, k, v, kv.slot_mapping)
+    options = dict(num_heads=num_heads, head_dim=head_dim, scale=scale, causal=causal,
+                   sliding_window=sliding_window, softcap=softcap)
+    parts = []
+    nd = kv.num_decodes
+    if nd:
+        parts.append(paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
+                                            positions[:nd], **options))
+    for i in range(nd, len(kv.query_start) - 1):
+        start, stop = kv.query_start[i], kv.query_start[i + 1]
+        parts.append(paged_prefill_attention(q[start:stop], k_pages, v_pages, kv.block_tables[i],
+                                             int(kv.seq_lens[i]), positions[start:stop], **options))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(q.dtype)
