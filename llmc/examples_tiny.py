@@ -111,15 +111,20 @@ def save_char_tokenizer(out_dir: str | Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+def save_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, **config_fields) -> Path:
     """Build the tiny ``arch`` model with random weights from ``seed`` and save it (safetensors) to
-    ``out_dir``, with a character-level tokenizer (``char_tokenizer``)."""
+    ``out_dir``, with a character-level tokenizer (``char_tokenizer``). ``config_fields`` override
+    config fields set at construction, e.g. ``max_position_embeddings=512``."""
     import torch
     import transformers
 
     if arch not in TINY_CONFIGS:
         raise LlmcError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_CONFIGS)}")
     config = TINY_CONFIGS[arch]()
+    for key, value in config_fields.items():
+        if not hasattr(config, key):
+            raise LlmcError(f"{arch} config has no field {key!r}")
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # No EOS: greedy runs over the random weights then always produce the requested token count.
