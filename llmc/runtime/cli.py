@@ -23,6 +23,7 @@ EPILOG = """examples:
   python PKG generate --prompt "Once upon a time" --max-tokens 32
   python PKG generate --tokens 1,2,3 --max-tokens 8 --temperature 0.8 --top-p 0.9 --seed 0
   python PKG eval --tokens 4096 --json eval.json
+  python PKG serve --port 8000     (OpenAI-compatible server; see python PKG serve --help)
   python PKG info"""
 
 
@@ -56,7 +57,86 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                           "baseline (and KL / top-1 agreement with --reference PKG).")
     evaluate.add_arguments(ev)
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [the target's device].")
+    add_serve_parser(commands)
     return parser
+
+
+SERVE_EPILOG = """examples:
+  python PKG serve                                  # http://127.0.0.1:8000/v1
+  python PKG serve --host 0.0.0.0 --port 8080 --api-key "$KEY" --max-num-seqs 16
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "def main", "max_tokens": 16, "temperature": 0}'
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
+  (any OpenAI client works: base_url="http://127.0.0.1:8000/v1")
+
+routes: POST /v1/completions, POST /v1/chat/completions (both stream with "stream": true),
+GET /v1/models, GET /health (never needs the key), GET /metrics (Prometheus).
+SIGTERM or Ctrl-C stops accepting, lets running requests finish (--drain-timeout) and exits 0."""
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 1073741824, 512MiB, 1GiB, 64KiB (also KB/MB/GB, powers of 1000)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, scale in units.items():
+        if lowered.endswith(suffix):
+            number, factor = lowered[:-len(suffix)], scale
+            break
+    else:
+        number, factor = lowered, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 1073741824, 512MiB or 2GiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def add_serve_parser(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="Serve the model over an OpenAI-compatible HTTP API.", epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics). "
+                    "Prints the KV cache size and the URL, then serves until SIGTERM.")
+    net = serve.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="Address to bind; 0.0.0.0 exposes the server to the network [127.0.0.1].")
+    net.add_argument("--port", type=_count(0), default=8000, help="TCP port [8000].")
+    net.add_argument("--api-key", default=None,
+                     help="Require 'Authorization: Bearer KEY' on every route but /health [env LLMC_API_KEY].")
+    net.add_argument("--served-model-name", default=None,
+                     help="The model name clients send and /v1/models lists [the package's name].")
+    limits = serve.add_argument_group("limits")
+    limits.add_argument("--max-queue", type=_count(0), default=128,
+                        help="Requests allowed to wait beyond the running ones; more get 429 [128].")
+    limits.add_argument("--max-request-bytes", type=_bytes, default=2**20,
+                        help="Largest request body; larger ones get 413 [1MiB].")
+    limits.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="Seconds running requests may take to finish after SIGTERM [30].")
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [the target's device].")
+    engine.add_argument("--kv-cache-bytes", type=_bytes, default=None,
+                        help="Memory for the paged KV cache, e.g. 2GiB [the target's default].")
+    engine.add_argument("--max-num-seqs", type=_count(1), default=None,
+                        help="Sequences decoded together in one step [the target's default].")
+    engine.add_argument("--max-num-batched-tokens", type=_count(1), default=None,
+                        help="Token budget of one step (prefill chunks + decodes) [the target's default].")
+    engine.add_argument("--no-prefix-caching", action="store_true",
+                        help="Do not reuse the KV pages of prompt prefixes seen before.")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -124,12 +204,35 @@ def package_logits(package_dir: Path, device: str | None):
     return Engine.from_package(package_dir, device=device).prefill, max_positions
 
 
+def serve(args, package_dir: Path) -> int:
+    """Load the engine and serve it until SIGTERM/SIGINT (``server.py`` holds the HTTP side)."""
+    import os
+
+    from .engine import EngineConfig, LLMEngine
+
+    try:
+        from .server import serve as run_server  # fastapi/uvicorn/prometheus-client: needed only to serve
+    except ImportError as exc:
+        raise PackageError(f"serving needs fastapi, uvicorn and prometheus-client ({exc}); "
+                           "pip install fastapi uvicorn prometheus-client") from None
+    config = EngineConfig(kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=not args.no_prefix_caching)
+    engine = LLMEngine.from_package(package_dir, device=args.device, config=config)
+    return run_server(engine, host=args.host, port=args.port,
+                      api_key=args.api_key or os.environ.get("LLMC_API_KEY") or None,
+                      model_name=args.served_model_name, max_queue=args.max_queue,
+                      max_request_bytes=args.max_request_bytes, drain_timeout=args.drain_timeout)
+
+
 def main(argv: list[str] | None = None, package_dir: str | Path | None = None) -> int:
     package_dir = Path(package_dir) if package_dir else Path(__file__).resolve().parent.parent
     args = build_parser(f"python {package_dir.name}").parse_args(argv)
     try:
         if args.command == "generate":
             generate(args, package_dir)
+        elif args.command == "serve":
+            return serve(args, package_dir)
         elif args.command == "eval":
             print(evaluate.run_from_args(args, package_dir, lambda d: package_logits(d, args.device)))
         else:
