@@ -7,8 +7,8 @@
 2. presence and frequency penalties over output tokens (OpenAI: ``logit -= presence * (count > 0) +
    frequency * count``);
 3. greedy rows (temperature 0): argmax, ties to the lowest id; the others go on;
-4. temperature, then top-k, top-p and min-p on the row sorted high to low;
-5. softmax, then one draw with the sequence's own generator.
+4. temperature, then top-k (ties with the k-th stay), top-p and min-p on the row sorted high to low;
+5. softmax, then one draw with the sequence's own generator (inverse CDF on one uniform number).
 
 Every filter only ever drops the low end of the sorted row, and a switched-off filter leaves a row exactly
 as it was, so a row's result never depends on the rows beside it: a seeded sequence gives the same tokens

@@ -129,7 +129,7 @@ SEEDED_PARAMS = st.builds(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(SEEDED_PARAMS, min_size=1, max_size=4), st.lists(st.booleans(), min_size=1, max_size=3),
        st.integers(0, 2**31))
 def test_a_seeded_sequence_gives_the_same_tokens_alone_and_in_a_batch(params, unseeded_rows, data_seed):
