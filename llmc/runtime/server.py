@@ -166,21 +166,25 @@ class CompletionRequest(_GenerationRequest):
         raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either")
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str = ""  # null (an assistant turn with tool calls) reads as empty
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):  # OpenAI's content parts: only text ones mean anything here
+            if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   and set(p) == {"type", "text"} for p in value):
+                return "".join(p["text"] for p in value)
+            raise ValueError("content parts must be {\"type\": \"text\", \"text\": ...}; this model reads text only")
+        if not isinstance(value, str):
+            raise ValueError("content must be a string or a list of text parts")
+        return value
+
     def template_dict(self) -> dict:
-        content = self.content or ""
-        if isinstance(content, list):  # OpenAI's content parts; only text ones exist here
-            content = "".join(part.text for part in content)
-        message = {"role": self.role, "content": content}
+        message = {"role": self.role, "content": self.content}
         if self.name is not None:
             message["name"] = self.name
         return message
