@@ -163,13 +163,7 @@ class AsyncEngine:
 
     def abort(self, request_ids: Sequence[str]) -> None:
         """Stop these engine requests and free their KV pages (the engine thread does it next)."""
-        now = time.perf_counter()
-        for rid in request_ids:
-            stream = self._streams.pop(rid, None)
-            if stream is not None:
-                choice = stream.choices[rid]
-                choice.finished = True
-                self.observer.finished("abort", now - choice.arrival)
+        self._retire(request_ids, "abort")
         self._commands.put(("abort", list(request_ids)))
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -204,15 +198,20 @@ class AsyncEngine:
                 self.observer.finished(output.finish_reason or "stop", now - choice.arrival)
             stream.queue.put_nowait((choice.index, output))
 
-    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+    def _retire(self, request_ids: Sequence[str], reason: str, error: BaseException | None = None) -> None:
+        """Forget these requests on the loop side (counted under ``reason``); ``error`` goes to their readers."""
         now = time.perf_counter()
         for rid in request_ids:
             stream = self._streams.pop(rid, None)
             if stream is not None:
                 choice = stream.choices[rid]
                 choice.finished = True
-                self.observer.finished("error", now - choice.arrival)
-                stream.queue.put_nowait(error)
+                self.observer.finished(reason, now - choice.arrival)
+                if error is not None:
+                    stream.queue.put_nowait(error)
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        self._retire(request_ids, "error", error)
 
     def _fail_all(self, error: BaseException) -> None:
         self._fail(list(self._streams), error)

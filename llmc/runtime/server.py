@@ -19,7 +19,9 @@ API decisions (the README's server section says the same to users):
   context is a 400 with code ``context_length_exceeded``, as OpenAI answers.
 - An unknown ``model`` is a 400 (code ``model_not_found``); a missing one means the served model.
 - Extensions (vLLM's names): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-  ``stop_token_ids``, ``priority``.
+  ``stop_token_ids``, ``priority`` (lower runs first, as in vLLM).
+- Backpressure: at most ``max_num_seqs + max_queue`` engine requests in flight; beyond, 429 with
+  ``Retry-After``. A client that disconnects has its requests aborted and their KV pages freed.
 """
 
 from __future__ import annotations
@@ -690,10 +692,20 @@ def create_app(engine: Any, *, model_name: str | None = None, api_key: str | Non
         exchange = ChatExchange(served, body, [prompt], stream)
         return exchange.streaming_response() if body.stream else await exchange.respond(request)
 
+    def model_card() -> dict:
+        return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "llmc",
+                "max_model_len": served.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": served.model_name, "object": "model", "created": served.created,
-                                            "owned_by": "llmc", "max_model_len": served.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        if model != served.model_name:  # OpenAI answers an unknown model here with 404
+            return error_response(404, f"the model {model!r} does not exist; this server serves "
+                                  f"{served.model_name!r}", param="model", code="model_not_found")
+        return JSONResponse(model_card())
 
     @app.get("/health")
     async def health() -> Response:

@@ -21,6 +21,9 @@ def test_models_lists_the_package(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == [server.app.state.served.model_name]
     assert models[0].object == "model" and models[0].max_model_len == 256
+    assert client.models.retrieve(models[0].id).id == models[0].id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_completion_greedy_and_streamed_agree(client, model):
