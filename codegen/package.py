@@ -56,6 +56,11 @@ def emit_package(graph: Graph, target: Any, out_dir: str | Path, *, checkpoint_d
         raise LlmcError(f"target {target.name!r}: backend {target.backend!r} has no code generator yet "
                         f"(available: {', '.join(BACKENDS)}); try --set backend=torch")
     verify(graph)
+    unlowered = [n.ref for n in graph.nodes if n.op.name == "attention"]
+    if unlowered:
+        raise LlmcError(f"target {target.name!r}: attention {', '.join(unlowered[:3])} is not lowered to paged "
+                        "attention, which the package's runtime (paged KV cache) needs; add "
+                        "'- pass: attention_lowering' after canonicalize in the target's pipeline")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -94,6 +99,8 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
         "passes": passes,
         "report": without_timings(report),
         "weights": {"file": WEIGHTS_FILE, "tensors": len(graph.params), "bytes": n_bytes},
+        "kv_cache": {"page_size": graph.meta.get("kv_page_size", target.runtime.kv_page_size),
+                     "layers": graph.meta.get("kv_layers", {})},
         "graph": format_graph(graph).splitlines(),
     }
     _write(root / "plan.json", json.dumps(plan, indent=1, sort_keys=True, default=_json_default) + "\n")
@@ -263,17 +270,30 @@ sys.exit(main())
 '''
 
 INIT_PY = '''\
-"""{arch} compiled by llmc for target {target}. ``load()`` returns the runtime ``Engine``."""
+"""{arch} compiled by llmc for target {target}.
+
+``LLM().generate(prompts, SamplingParams(...))`` runs batches offline; ``load()`` returns the
+engine (``add_request`` / ``step``) for finer control.
+"""
 
 from pathlib import Path
 
-from .runtime.engine import Engine
+from .runtime.engine import EngineConfig, LLMEngine
+from .runtime.llm import LLM as _LLM
+from .runtime.sampler import SamplingParams
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "load"]
 
-def load(device=None) -> Engine:
-    return Engine.from_package(PACKAGE_DIR, device)
+
+def LLM(package_dir=PACKAGE_DIR, **kwargs):
+    """The offline API over this package (or another package directory)."""
+    return _LLM(package_dir, **kwargs)
+
+
+def load(device=None, config=None) -> LLMEngine:
+    return LLMEngine.from_package(PACKAGE_DIR, device=device, config=config)
 '''
 
 PYPROJECT = '''\

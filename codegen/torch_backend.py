@@ -22,7 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 import llmc
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
-from llmc.runtime import functional
+from llmc.runtime import functional, paged_attention
 
 from .layers import LayerKind, LayerNumber, LayerRun, find_layer_kinds
 
@@ -35,6 +35,8 @@ def _call(fn: str, *attr_names: str) -> Emitter:
     return lambda a, k: f"{fn}({', '.join([*a, *(f'{n}={k[n]}' for n in attr_names)])})"
 
 
+ATTENTION_ATTRS = ("layer", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "sliding_window", "softcap")
+
 # op name -> emitter; the comment says which reference in llmc/ir/ops.py it reproduces.
 EMITTERS: dict[str, Emitter] = {
     "embedding": lambda a, k: f"F.embedding({a[0]}, {a[1]})",                       # F.embedding
@@ -42,8 +44,8 @@ EMITTERS: dict[str, Emitter] = {
     "rms_norm": _call("rms_norm", "eps", "offset"),                                  # helper, same math
     "layer_norm": lambda a, k: f"F.layer_norm({a[0]}, {a[0]}.shape[-1:], {a[1]}, {a[2]}, {k['eps']})",
     "rope": _call("rope", "head_dim", "rotary_dim", "interleaved", "scaling"),       # helper, same math
-    "attention": lambda a, k: _call("attention", "layer", "num_heads", "num_kv_heads", "head_dim", "scale",
-                                    "causal", "sliding_window", "softcap")([*a, "kv"], k),
+    "attention": lambda a, k: _call("attention", *ATTENTION_ATTRS)([*a, "kv"], k),           # helper, same math
+    "paged_attention": lambda a, k: _call("paged_attention", *ATTENTION_ATTRS)([*a, "kv"], k),  # helper, same
     "add": lambda a, k: f"{a[0]} + {a[1]}",                                           # torch.add
     "mul": lambda a, k: f"{a[0]} * {a[1]}",                                           # torch.mul
     "silu": lambda a, k: f"F.silu({a[0]})",
@@ -55,11 +57,20 @@ EMITTERS: dict[str, Emitter] = {
     "slice": lambda a, k: f"{a[0]}[:, {k['start']}:{k['stop']}]",
     "cast": lambda a, k: f"{a[0]}.to(torch.{k['dtype'][1:-1]})",                      # dtype name literal
 }
-# Ops whose emitted code calls a helper the template defines (emitted only when used).
-TEMPLATE_HELPERS = {"rms_norm", "rope", "attention"}
+# Ops whose emitted code calls helpers the template defines (emitted only when used): op -> the
+# runtime functions whose source is copied into model.py, callees before callers.
+TEMPLATE_HELPERS = {
+    "rms_norm": (functional.rms_norm,),
+    "rope": (functional.rope,),
+    "attention": (functional.attention,),
+    "paged_attention": (paged_attention.write_kv, paged_attention.attend, paged_attention.gather_pages,
+                        paged_attention.paged_decode_attention, paged_attention.paged_prefill_attention,
+                        paged_attention.paged_attention),
+}
 # Helper source for ops registered by plugins: op name -> a Python function definition.
 PLUGIN_HELPERS: dict[str, str] = {}
-RESERVED = {"forward", "w", "kv", "layer", "math", "torch", "F"} | TEMPLATE_HELPERS
+RESERVED = {"forward", "w", "kv", "layer", "math", "torch", "F"} | {
+    fn.__name__ for fns in TEMPLATE_HELPERS.values() for fn in fns}
 
 
 def register_emitter(op: str, emitter: Emitter, helper_source: str | None = None) -> None:
@@ -208,7 +219,8 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
         title=f"{arch}: the forward step of the compiled model.",
         llmc_version=llmc.__version__, target_name=target_name, device=device, backend=backend,
         input_names=input_names,
-        helpers=[inspect.getsource(getattr(functional, op)).rstrip() for op in sorted(used & TEMPLATE_HELPERS)],
+        helpers=[inspect.getsource(fn).rstrip() for op in sorted(used & set(TEMPLATE_HELPERS))
+                 for fn in TEMPLATE_HELPERS[op]],
         extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
         layer_functions=[_layer_function(k) for k in kinds], forward_body=forward_body,
         outputs=[(name, scope.expr(ref)) for name, ref in graph.outputs])

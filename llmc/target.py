@@ -59,6 +59,8 @@ class RuntimeDefaults(_Strict):
     """What the packaged runtime starts with: KV paging, batch limits, compiled shape buckets."""
 
     kv_page_size: PositiveInt = Field(description="Tokens per KV-cache page.")
+    kv_cache_bytes: PositiveInt = Field(description="Bytes of KV-cache pages the runtime allocates "
+                                                    "(the package's --kv-cache-bytes overrides it).")
     max_num_seqs: PositiveInt = Field(description="Most sequences scheduled in one step.")
     max_num_batched_tokens: PositiveInt = Field(description="Most tokens processed in one step.")
     token_buckets: list[int] = Field(description="Token counts the graph is specialized for.")

@@ -5,3 +5,4 @@ explicit (no directory scan) so that what ships is what is reviewed.
 """
 
 from llmc.passes import canonicalize  # noqa: F401
+from llmc.passes import attention_lowering  # noqa: F401

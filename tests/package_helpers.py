@@ -1,4 +1,5 @@
-"""Shared test helpers: cpu targets (plain or with a custom pipeline), file hashes, loading a package."""
+"""Shared test helpers: cpu targets (plain or with a custom pipeline), lowering a raised graph for
+the runtime, file hashes, loading a package."""
 
 from __future__ import annotations
 
@@ -46,3 +47,11 @@ def import_package(package_dir: Path, name: str):
     finally:
         sys.dont_write_bytecode = dont_write
     return module
+
+
+def lowered(graph):
+    """``graph`` with attention lowered to paged attention, as every package's runtime needs it."""
+    from llmc.pipeline import PASSES, PassContext
+
+    info = PASSES["attention_lowering"]
+    return info.fn(graph, PassContext(target=cpu_target(), options=info.options())).graph

@@ -22,7 +22,8 @@ from llmc.errors import LlmcError
 from llmc.examples_tiny import char_tokenizer, save_tiny_model
 from llmc.frontend.hf import load_hf
 from llmc.ir import GraphBuilder, OpRegistry, TensorType, generate_greedy, register_op
-from package_helpers import cpu_target, import_package, tree_hashes
+from llmc.ir.interpreter import PagedSequenceKV
+from package_helpers import cpu_target, import_package, lowered, tree_hashes
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -58,9 +59,10 @@ def compile_arch(arch: str, tmp_path_factory) -> Compiled:
         ckpt = save_tiny_model(arch, root / f"tiny-{arch}")
         imported = load_hf(ckpt)
         report = {"passes": [{"name": "canonicalize", "changed": False, "stats": {"folded": 0}, "seconds": 0.25}]}
-        first = emit_package(imported.graph, cpu_target(), root / "pkg", checkpoint_dir=ckpt, report=report)
+        graph = lowered(imported.graph)
+        first = emit_package(graph, cpu_target(), root / "pkg", checkpoint_dir=ckpt, report=report)
         report["passes"][0]["seconds"] = 0.5  # timings differ run to run and must not reach the package
-        second = emit_package(imported.graph, cpu_target(), root / "again", checkpoint_dir=ckpt, report=report)
+        second = emit_package(graph, cpu_target(), root / "again", checkpoint_dir=ckpt, report=report)
         hashes = (tree_hashes(first), tree_hashes(second))
         module = import_package(first, f"tiny_{arch}_pkg")
         _COMPILED[arch] = Compiled(arch, imported, first, module, module.load(), hashes)
@@ -177,19 +179,22 @@ def test_layers_become_one_function_per_kind(compiled):
 def test_straight_line_code_matches_too(compiled):
     """The fallback without layer functions (one line per node) computes the same logits."""
     engine = compiled.engine
-    source = render_model(compiled.imported.graph, target_name="cpu", device="cpu", backend="torch", factor_layers=False)
+    source = render_model(lowered(compiled.imported.graph), target_name="cpu", device="cpu", backend="torch",
+                          factor_layers=False)
     assert "def forward" in source and "(w, layer, kv" not in source
     namespace: dict = {}
     exec(compile(source, "model_straight.py", "exec"), namespace)
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
-    logits = namespace["forward"](engine.weights, torch.tensor(ids), torch.arange(len(ids)), engine.new_cache())
+    kv = PagedSequenceKV()  # the interpreter's one-sequence paged cache has the runtime's step fields
+    kv.begin_step(torch.arange(len(ids)))
+    logits = namespace["forward"](engine.weights, torch.tensor(ids), torch.arange(len(ids)), kv)
     assert torch.equal(logits["logits"], engine.prefill(ids))
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["--tokens", "999"], "outside the vocabulary"),
     (["--tokens", "1,x"], "'x' is not an integer"),
-    (["--tokens", "1", "--max-tokens", "300"], "256 positions"),
+    (["--tokens", "1", "--max-tokens", "300"], "context of 256 tokens"),
     (["--tokens", "1", "--top-p", "0"], "top_p"),
     (["--tokens", "1", "--temperature", "-1"], "temperature"),
     (["--tokens", "1", "--chat"], "--chat needs --prompt"),
@@ -232,19 +237,21 @@ def test_unsupported_op_names_op_and_node(tmp_path):
 
 
 def test_out_dir_rules(llama, tmp_path):
-    imported = llama.imported
+    graph = lowered(llama.imported.graph)
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     with pytest.raises(LlmcError, match="not empty and holds no llmc package"):
-        emit_package(imported.graph, cpu_target(), foreign, checkpoint_dir=None, report={})
+        emit_package(graph, cpu_target(), foreign, checkpoint_dir=None, report={})
     assert (foreign / "notes.txt").read_text() == "keep"
-    out = emit_package(imported.graph, cpu_target(), tmp_path / "pkg", checkpoint_dir=None, report={})
+    out = emit_package(graph, cpu_target(), tmp_path / "pkg", checkpoint_dir=None, report={})
     (out / "stale.txt").write_text("old")
-    emit_package(imported.graph, cpu_target(), out, checkpoint_dir=None, report={})  # replaces a package
+    emit_package(graph, cpu_target(), out, checkpoint_dir=None, report={})  # replaces a package
     assert not (out / "stale.txt").exists() and not (out / "tokenizer.json").exists()
+    with pytest.raises(LlmcError, match="not lowered to paged attention.*attention_lowering"):
+        emit_package(llama.imported.graph, cpu_target(), tmp_path / "raw", checkpoint_dir=None, report={})
     with pytest.raises(LlmcError, match="backend 'triton' has no code generator"):
-        emit_package(imported.graph, cpu_target(backend="triton"), tmp_path / "t", checkpoint_dir=None, report={})
+        emit_package(graph, cpu_target(backend="triton"), tmp_path / "t", checkpoint_dir=None, report={})
 
 
 def test_pipeline_output_compiles_to_the_same_tokens(llama, tmp_path):

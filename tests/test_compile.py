@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from llmc.cli import app
 from llmc.examples_tiny import save_tiny_model
-from llmc.runtime.engine import Engine
+from llmc.runtime.engine import LLMEngine
+from llmc.runtime.sampler import SamplingParams
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
@@ -35,25 +35,26 @@ def test_compiled_package_reproduces_golden_tokens_and_logprobs(arch, tmp_path):
     result = compile_cli(str(model), "--target", "cpu.yaml", "-o", str(tmp_path / "pkg"))
     assert result.exit_code == 0, result.output
     assert "canonicalize" in result.output and "roofline" in result.output
-    engine = Engine.from_package(tmp_path / "pkg")
+    engine = LLMEngine.from_package(tmp_path / "pkg")
     golden = json.loads((GOLDEN_DIR / f"{arch}.json").read_text())
     for name, rec in golden["prompts"].items():
-        ids, kv = list(rec["input_ids"]), engine.new_cache()
-        logits = engine.step(ids, list(range(len(ids))), kv)[-1]
-        for step, (want, want_ids, want_lp) in enumerate(zip(rec["tokens"], rec["top5_ids"], rec["top5_logprobs"])):
-            logprobs = torch.log_softmax(logits.double(), -1)
-            assert int(logits.argmax()) == want, f"{arch}/{name} step {step}: token differs from golden"
-            got = logprobs[want_ids].tolist()
+        # Decoded step by step through the paged cache; logprobs=5 returns each step's top 5.
+        engine.add_request(name, rec["input_ids"], SamplingParams(max_tokens=len(rec["tokens"]), logprobs=5))
+        outputs = [out for _ in range(len(rec["tokens"])) for out in engine.step()]
+        assert outputs[-1].finished and outputs[-1].output_token_ids == rec["tokens"], f"{arch}/{name}"
+        for step, (out, want_ids, want_lp) in enumerate(zip(outputs, rec["top5_ids"], rec["top5_logprobs"])):
+            top = dict(out.logprobs[0].top)
+            assert sorted(top) == sorted(want_ids), f"{arch}/{name} step {step}: top-5 differs from golden"
+            got = [top[i] for i in want_ids]
             assert max(abs(a - b) for a, b in zip(got, want_lp)) <= LOGPROB_ATOL, f"{arch}/{name} step {step}"
-            pos = len(ids) + step
-            logits = engine.step([want], [pos], kv)[-1]
 
 
 def test_dump_ir_and_set_override(tiny, tmp_path):
     result = compile_cli(str(tiny), "-t", "cpu", "-o", str(tmp_path / "pkg"), "--dump-ir", str(tmp_path / "ir"),
                          "--set", "canonicalize.fold_scales=false", "--set", "runtime.kv_page_size=32")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00-input.ir", "01-canonicalize.ir"]
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00-input.ir", "01-canonicalize.ir",
+                                                                   "02-attention_lowering.ir"]
     plan = json.loads((tmp_path / "pkg" / "plan.json").read_text())
     assert plan["target"]["runtime"]["kv_page_size"] == 32
     assert plan["target"]["pipeline"][0]["options"] == {"fold_scales": False}

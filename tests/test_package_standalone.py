@@ -21,7 +21,7 @@ from llmc.codegen import emit_package
 from llmc.examples_tiny import save_tiny_model
 from llmc.frontend.hf import load_hf
 from llmc.ir import generate_greedy
-from package_helpers import cpu_target
+from package_helpers import cpu_target, lowered
 
 # What a package needs (its pyproject's dependencies); torch pinned: unpinned, pip would fetch a
 # multi-GB CUDA build.
@@ -61,7 +61,7 @@ def package(tmp_path_factory) -> tuple[Path, object]:
     root = tmp_path_factory.mktemp("standalone")
     ckpt = save_tiny_model("qwen3", root / "tiny-qwen3")
     imported = load_hf(ckpt)
-    return emit_package(imported.graph, cpu_target(), root / "pkg", checkpoint_dir=ckpt, report={}), imported
+    return emit_package(lowered(imported.graph), cpu_target(), root / "pkg", checkpoint_dir=ckpt, report={}), imported
 
 
 def test_venv_has_no_llmc(package_venv, tmp_path):

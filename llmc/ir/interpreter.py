@@ -1,7 +1,9 @@
 """The reference interpreter: runs any Graph on CPU with torch; the oracle for passes and kernels.
 
-It keeps one sequence's KV cache as contiguous per-layer tensors, so a prefill followed by decode
-steps reproduces what the model computes over the whole sequence.
+It keeps one sequence's KV cache, so a prefill followed by decode steps reproduces what the model
+computes over the whole sequence: contiguous per-layer tensors for ``attention``, and for graphs
+lowered to ``paged_attention`` a small page pool whose pages are handed out in scrambled order (so
+a wrong block-table lookup cannot go unnoticed).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from llmc.errors import IRError
 from llmc.ir.graph import Graph
 from llmc.ir.types import Param
+from llmc.runtime.paged_attention import KVPool
 
 
 class ContiguousKVCache:
@@ -39,9 +42,49 @@ class ContiguousKVCache:
         return max((len(p) for _, _, p in self.layers.values()), default=0)
 
 
+class PagedSequenceKV:
+    """One sequence's paged KV cache, shaped like the runtime's per-step metadata (``PagedStep``).
+
+    ``begin_step(positions)`` is called by the interpreter before each step: the step's positions
+    must continue the sequence (or restart it at an earlier position, a re-prefill).
+    """
+
+    def __init__(self, block_size: int = 4, num_blocks: int = 128) -> None:
+        self.pool = KVPool(num_blocks, block_size)
+        # Pages in a scrambled order (stride 7 is coprime with any power-of-two pool size).
+        self.free = [(i * 7 + 3) % num_blocks for i in range(num_blocks)]
+        self.blocks: list[int] = []
+        self.length = 0
+
+    def begin_step(self, positions: torch.Tensor) -> None:
+        start, count = int(positions[0]), len(positions)
+        if start > self.length or not torch.equal(positions, torch.arange(start, start + count)):
+            raise IRError(f"paged KV: step positions {positions.tolist()} do not continue a sequence "
+                          f"of {self.length} cached tokens")
+        end = start + count
+        bs = self.pool.block_size
+        while len(self.blocks) * bs < end:
+            if not self.free:
+                raise IRError(f"paged KV: {end} tokens need more than {self.pool.num_blocks} pages")
+            self.blocks.append(self.free.pop(0))
+        table = torch.tensor(self.blocks)
+        self.slot_mapping = table[positions // bs] * bs + positions % bs
+        self.block_tables = table[None]
+        self.seq_lens = torch.tensor([end])
+        self.query_start = [0, count]
+        self.num_decodes = 1 if count == 1 else 0
+        self.length = end
+
+
 @dataclass
 class ExecutionContext:
-    kv: ContiguousKVCache = field(default_factory=ContiguousKVCache)
+    kv: object = field(default_factory=ContiguousKVCache)
+
+    @classmethod
+    def for_graph(cls, graph: Graph) -> "ExecutionContext":
+        """A fresh one-sequence context with the KV cache the graph's attention ops use."""
+        paged = any(n.op.name == "paged_attention" for n in graph.nodes)
+        return cls(PagedSequenceKV() if paged else ContiguousKVCache())
 
 
 class Interpreter:
@@ -61,7 +104,7 @@ class Interpreter:
     def run(self, inputs: dict[str, torch.Tensor], ctx: ExecutionContext | None = None,
             keep: bool = False) -> dict[str, torch.Tensor]:
         """Run one step; ``keep=True`` also returns every intermediate value by its reference."""
-        ctx = ctx or ExecutionContext()
+        ctx = ctx or ExecutionContext.for_graph(self.graph)
         env: dict[str, torch.Tensor] = {}
         bindings: dict[str, int] = {}
         for name, ttype in self.graph.inputs:
@@ -73,6 +116,8 @@ class Interpreter:
             env["%" + name] = value
         for p in self.graph.params:
             env["@" + p.name] = self.weight(p)
+        if hasattr(ctx.kv, "begin_step"):  # a paged cache lays out this step's slots first
+            ctx.kv.begin_step(inputs["positions"])
         with torch.no_grad():
             for node in self.graph.nodes:
                 args = [env[r] for r in node.inputs]
@@ -97,7 +142,7 @@ def generate_greedy(graph: Graph, prompt: list[int], max_new_tokens: int,
     given, the logits each new token was picked from are appended to it.
     """
     interp = interpreter or Interpreter(graph)
-    ctx = ExecutionContext()
+    ctx = ExecutionContext.for_graph(graph)
     ids = torch.tensor(prompt, dtype=torch.int64)
     logits = interp.run({"input_ids": ids, "positions": torch.arange(len(prompt))}, ctx)["logits"]
     prefill_logits = logits

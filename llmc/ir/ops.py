@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from llmc.errors import IRError
 from llmc.ir.opdef import register_op
 from llmc.ir.types import DTYPES, TensorType
-from llmc.runtime import functional
+from llmc.runtime import functional, paged_attention
 
 
 def _same(types: list[TensorType], attrs: dict[str, Any]) -> TensorType:
@@ -156,6 +156,22 @@ class Attention:
     @staticmethod
     def reference(ctx, inputs, attrs):
         return functional.attention(*inputs, ctx.kv, **attrs)
+
+
+@register_op("paged_attention", ("q", "k", "v", "positions"), dict(Attention.attrs), stateful=True)
+class PagedAttention:
+    """``attention`` over the paged KV cache (after the attention_lowering pass): the step's tokens
+    of many sequences, k/v written to their slots, decodes batched, prefill chunks per sequence.
+
+    Same math and attrs as ``attention``; ``ctx.kv`` is the step's paged metadata (block tables,
+    slot mapping, sequence lengths) instead of a contiguous per-sequence cache.
+    """
+
+    infer = staticmethod(Attention.infer)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return paged_attention.paged_attention(*inputs, ctx.kv, **attrs)
 
 
 # ---- elementwise ---------------------------------------------------------------------------------

@@ -7,17 +7,16 @@ llmc CLI. Only argparse and the runtime modules are used, so it runs where llmc 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import evaluate
-from .engine import Engine, PackageError, read_plan
+from .engine import Engine, PackageError, RequestError, read_plan
 from .sampler import SamplingError
 from .tokenizer import PackageTokenizer, TokenizerError
 
 USER_ERROR_EXIT = 2
-USER_ERRORS = (PackageError, SamplingError, TokenizerError, evaluate.EvalError)
+USER_ERRORS = (PackageError, RequestError, SamplingError, TokenizerError, evaluate.EvalError)
 
 EPILOG = """examples:
   python PKG generate --prompt "Once upon a time" --max-tokens 32
@@ -150,15 +149,6 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def stop_ids(package_dir: Path) -> list[int]:
-    """End-of-sequence ids from generation_config.json (an int or a list), as HF generate uses them."""
-    path = package_dir / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
 def generate(args, package_dir: Path) -> None:
@@ -177,8 +167,7 @@ def generate(args, package_dir: Path) -> None:
         ids = parse_ids(args.tokens)
     engine = Engine.from_package(package_dir, device=args.device)
     new = engine.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed,
-                          stop_token_ids=() if args.ignore_eos else stop_ids(package_dir))
+                          top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     if args.prompt is None:
         print(",".join(str(i) for i in new))
         return

@@ -26,7 +26,7 @@ def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=N
     order = torch.randperm(num_blocks, generator=g).tolist()   # pages handed out scattered
     attrs = dict(layer=0, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                  scale=head_dim ** -0.5, causal=True, sliding_window=sliding_window, softcap=softcap)
-    tables, refs, expected = [], [], []
+    tables, expected = [], []
     qs, ks, vs, pos, slots, starts, lens = [], [], [], [], [], [0], []
     for cached, new in seqs:
         total = cached + new
