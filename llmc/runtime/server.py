@@ -271,9 +271,10 @@ class Served:
                      logprobs: int | None, prompt_param: str) -> RequestStream:
         """One engine request per prompt and choice; engine-side rejections become 400s."""
         count = len(prompts) * body.n
-        if count > MAX_CHOICES:
-            raise ApiError(f"{len(prompts)} prompts x n={body.n} is {count} choices; at most {MAX_CHOICES}",
-                           param="n")
+        limit = min(MAX_CHOICES, self.async_engine.capacity)  # beyond capacity a retry could never succeed
+        if count > limit:
+            raise ApiError(f"{len(prompts)} prompt(s) x n={body.n} is {count} choices; this server takes at most "
+                           f"{limit} in one request", param="n")
         try:
             params = [self.sampling_params(body, max_tokens[p], logprobs, i)
                       for p in range(len(prompts)) for i in range(body.n)]
@@ -374,7 +375,8 @@ class Exchange:
     chunk_object: str = ""
     id_prefix: str = ""
 
-    def __init__(self, served: Served, body: _GenerationRequest, prompts: list[list[int]], stream: RequestStream) -> None:
+    def __init__(self, served: Served, body: _GenerationRequest, prompts: list[list[int]],
+                 stream: RequestStream) -> None:
         self.served, self.body, self.prompts, self.stream = served, body, prompts, stream
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -419,7 +421,8 @@ class Exchange:
                 for chunk in self.delta_chunks(index, output):
                     yield sse({**self.envelope(self.chunk_object, chunk), **extra})
             if include_usage:
-                yield sse({**self.envelope(self.chunk_object, []), "usage": usage(self.prompts, sum(generated.values()))})
+                total = usage(self.prompts, sum(generated.values()))
+                yield sse({**self.envelope(self.chunk_object, []), "usage": total})
         except (EngineDeadError, EngineStepError) as exc:
             # The status line has gone already; OpenAI's SDKs raise on an "error" event.
             yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})

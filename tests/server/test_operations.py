@@ -156,7 +156,13 @@ def test_full_queue_is_429_with_retry_after(live, engine):
             assert metric(scrape(live.url), "llmc_requests_rejected_total") >= 1
     engine.paused.clear()
     poll_until(lambda: metric(scrape(live.url), "llmc_kv_cache_usage_ratio") == 0, what="KV pages freed")
-    assert httpx.post(f"{live.url}/v1/completions", json={"prompt": "c", "max_tokens": 2}, timeout=60).status_code == 200
+    reply = httpx.post(f"{live.url}/v1/completions", json={"prompt": "c", "max_tokens": 2}, timeout=60)
+    assert reply.status_code == 200
+
+
+def test_more_choices_than_the_server_admits_is_400_not_429(live):
+    response = httpx.post(f"{live.url}/v1/completions", json={"prompt": "a", "max_tokens": 2, "n": 3}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
 
 def test_engine_failure_fails_the_request_not_the_server(live, engine):
