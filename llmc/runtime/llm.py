@@ -43,10 +43,14 @@ class LLM:
         for i, (prompt, p) in enumerate(zip(batch, per_prompt)):
             self.engine.add_request(ids[i], self.encode(prompt), p, priorities[i] if priorities else 0)
         done: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list] = {i: [] for i in ids}
         while len(done) < len(batch):
             for out in self.engine.step():
+                logprobs[out.request_id] += out.logprobs or []
                 if out.finished:
                     done[out.request_id] = out
+        for i, p in zip(ids, per_prompt):  # the final output carries every token's logprobs
+            done[i].logprobs = logprobs[i] if p.logprobs is not None else None
         return [done[i] for i in ids]
 
     def chat(self, conversations: Sequence[Sequence[dict]] | Sequence[dict],
