@@ -46,6 +46,7 @@ EMITTERS: dict[str, Emitter] = {
     "rope": _call("rope", "head_dim", "rotary_dim", "interleaved", "scaling"),       # helper, same math
     "attention": lambda a, k: _call("attention", *ATTENTION_ATTRS)([*a, "kv"], k),           # helper, same math
     "paged_attention": lambda a, k: _call("paged_attention", *ATTENTION_ATTRS)([*a, "kv"], k),  # helper, same
+    "select_rows": lambda a, k: f"select_rows({a[0]}, kv)",                           # helper, same
     "add": lambda a, k: f"{a[0]} + {a[1]}",                                           # torch.add
     "mul": lambda a, k: f"{a[0]} * {a[1]}",                                           # torch.mul
     "silu": lambda a, k: f"F.silu({a[0]})",
@@ -66,6 +67,7 @@ TEMPLATE_HELPERS = {
     "paged_attention": (paged_attention.write_kv, paged_attention.attend, paged_attention.gather_pages,
                         paged_attention.paged_decode_attention, paged_attention.paged_prefill_attention,
                         paged_attention.paged_attention),
+    "select_rows": (paged_attention.select_rows,),
 }
 # Helper source for ops registered by plugins: op name -> a Python function definition.
 PLUGIN_HELPERS: dict[str, str] = {}

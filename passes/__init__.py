@@ -6,3 +6,4 @@ explicit (no directory scan) so that what ships is what is reviewed.
 
 from llmc.passes import canonicalize  # noqa: F401
 from llmc.passes import attention_lowering  # noqa: F401
+from llmc.passes import select_logits  # noqa: F401

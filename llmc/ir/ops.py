@@ -174,6 +174,25 @@ class PagedAttention:
         return paged_attention.paged_attention(*inputs, ctx.kv, **attrs)
 
 
+@register_op("select_rows", ("x",), {}, stateful=True)
+class SelectRows:
+    """The rows of ``x`` whose next-token logits this step samples (``ctx.kv.logits_indices``, the
+    last token of each sequence that finished its known tokens); every row when the step does not
+    say. Placed before the LM head, it keeps prefill chunks from computing logits nobody reads.
+    Stateful: it reads the step's batch layout, like attention."""
+
+    @staticmethod
+    def infer(types, attrs):
+        x = types[0]
+        if len(x.shape) != 2:
+            raise IRError(f"select_rows: expected [T, features], got {x}")
+        return TensorType(("S", x.shape[1]), x.dtype)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return paged_attention.select_rows(inputs[0], ctx.kv)
+
+
 # ---- elementwise ---------------------------------------------------------------------------------
 
 def _unary(name: str, fn, doc: str, attrs: dict[str, Any] | None = None):

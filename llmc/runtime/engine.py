@@ -269,16 +269,21 @@ class LLMEngine:
         width = max(len(seq.table.blocks) for seq in batch.seqs)
         tables = [seq.table.blocks + [0] * (width - len(seq.table.blocks)) for seq in batch.seqs]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        kv = PagedStep(self.pool, as_tensor(slots), as_tensor(tables), as_tensor(seq_lens), starts, batch.num_decodes)
+        # A sequence whose known tokens are all computed after this step samples its next token
+        # from its last row; the graph's select_rows computes the LM head for those rows only.
+        ready = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new))
+                 if seq.num_computed + n == seq.num_tokens]
+        rows = as_tensor([starts[i + 1] - 1 for i in ready])
+        kv = PagedStep(self.pool, as_tensor(slots), as_tensor(tables), as_tensor(seq_lens), starts,
+                       batch.num_decodes, rows)
         logits = self.forward(self.weights, as_tensor(ids), as_tensor(positions), kv)["logits"]
-        ready, rows = [], []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+        if len(logits) != len(rows):  # a graph without select_rows returns every row
+            logits = logits[rows]
+        for seq, n in zip(batch.seqs, batch.num_new):
             self.prompt_tokens += max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
             seq.num_computed += n
-            if seq.num_computed == seq.num_tokens:  # all known tokens computed: pick the next one
-                ready.append(seq)
-                rows.append(starts[i + 1] - 1)
-        results = sample(logits[rows].float(), [seq.state.sampler for seq in ready]) if ready else []
+        ready = [batch.seqs[i] for i in ready]
+        results = sample(logits.float(), [seq.state.sampler for seq in ready]) if ready else []
         return [self._advance(seq, result) for seq, result in zip(ready, results)]
 
     def _advance(self, seq: SequenceState, result) -> RequestOutput:

@@ -13,7 +13,7 @@ import torch
 def rms_norm(x, weight, eps, offset):
     """RMSNorm in float32 over groups of ``weight.numel()`` features: ``x / rms(x) * (offset + weight)``."""
     group = weight.shape[0]
-    xf = x.float().reshape(x.shape[0], -1, group)
+    xf = x.float().reshape(x.shape[0], x.shape[1] // group, group)  # no -1: zero rows are valid
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * (offset + weight.float())).reshape(x.shape).to(x.dtype)
 

@@ -76,6 +76,7 @@ class PagedStep:
     seq_lens: torch.Tensor       # [B] int64
     query_start: list            # B + 1 python ints
     num_decodes: int
+    logits_indices: torch.Tensor = None  # [S] rows whose logits are sampled (select_rows); None = all
 
     def begin_step(self, positions):
         """Nothing to prepare: the runtime built this step's metadata (single-sequence caches do more)."""
@@ -163,3 +164,9 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
                                              int(kv.seq_lens[i]), positions[start:stop], **options))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.to(q.dtype)
+
+
+def select_rows(x, kv):
+    """The rows of ``x`` the step samples from (``kv.logits_indices``); all rows if it names none."""
+    rows = getattr(kv, "logits_indices", None)
+    return x if rows is None else x.index_select(0, rows)
