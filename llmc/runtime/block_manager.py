@@ -51,6 +51,7 @@ class KVBlockManager:
         self.cached: dict[bytes, int] = {}       # full-block hash -> block holding those tokens
         self.hash_of: dict[int, bytes] = {}      # block -> its hash while registered in ``cached``
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the engine to apply before the step
+        self.num_copies = 0  # copy-on-writes so far
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class KVBlockManager:
             old = table.blocks[i]
             new = self._pop_free()
             self.pending_copies.append((old, new))
+            self.num_copies += 1
             self._release(old)
             table.blocks[i] = new
             del table.hashes[i:]  # the copy is private: it gets its own registration when full

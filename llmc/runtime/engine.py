@@ -16,6 +16,7 @@ The engine is single-threaded: the server drives it from one thread (``async_eng
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import types
@@ -137,6 +138,7 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    forks: list[tuple[str, SamplingParams]] = field(default_factory=list)  # samples still to fork off
 
 
 class LLMEngine:
@@ -199,16 +201,33 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                    priority: int = 0) -> None:
-        """Queue a request; raises RequestError (naming the field) when it can never run."""
+                    priority: int = 0, n: int = 1) -> list[str]:
+        """Queue a request; raises RequestError (naming the field) when it can never run.
+
+        ``n > 1`` asks for several samples of one prompt: the prompt is computed once, then forked
+        into ``n`` sequences sharing its KV pages (ids ``request_id``, ``request_id#1``, ...; seeds
+        ``seed + i``); the shared, partly filled last page is copied when a sample first writes
+        to it (copy-on-write). Returns the request ids.
+        """
         prompt = [int(t) for t in prompt_ids]
-        self._check_request(request_id, prompt, params)
+        if not isinstance(n, int) or n < 1:
+            raise RequestError(f"n must be a positive integer, got {n!r}", "n")
+        ids = [request_id] + [f"{request_id}#{i}" for i in range(1, n)]
+        for rid in ids:
+            self._check_request(rid, prompt, params)
+        forks = [(rid, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
+                 for i, rid in enumerate(ids) if i]
+        self.scheduler.add(SequenceState(request_id, prompt, priority=priority,
+                                         state=self._request_state(prompt, params, forks)))
+        return ids
+
+    def _request_state(self, prompt: list[int], params: SamplingParams, forks=()) -> "_RequestState":
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, stop=params.stop)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
-        state = _RequestState(params, SequenceSampler(params, prompt, self.device), detokenizer, stops)
-        self.scheduler.add(SequenceState(request_id, prompt, priority=priority, state=state))
+        return _RequestState(params, SequenceSampler(params, prompt, self.device), detokenizer, stops,
+                             forks=list(forks))
 
     def _check_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if any(s.request_id == request_id for s in (*self.scheduler.running, *self.scheduler.waiting)):
@@ -283,8 +302,30 @@ class LLMEngine:
             self.prompt_tokens += max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
             seq.num_computed += n
         ready = [batch.seqs[i] for i in ready]
-        results = sample(logits.float(), [seq.state.sampler for seq in ready]) if ready else []
+        logits = logits.float()
+        ready, logits = self._fork_ready(ready, logits)
+        results = sample(logits, [seq.state.sampler for seq in ready]) if ready else []
         return [self._advance(seq, result) for seq, result in zip(ready, results)]
+
+    def _fork_ready(self, ready: list[SequenceState], logits: torch.Tensor):
+        """Sequences whose prompt just finished and that asked for n samples fork now: each child
+        shares the parent's pages and samples from the same logits row."""
+        if not any(seq.state.forks for seq in ready):
+            return ready, logits
+        seqs, rows = [], []
+        for row, seq in enumerate(ready):
+            seqs.append(seq)
+            rows.append(row)
+            for child_id, params in seq.state.forks:
+                child = SequenceState(child_id, seq.prompt_ids, priority=seq.priority,
+                                      state=self._request_state(seq.prompt_ids, params))
+                child.table = self.blocks.fork(seq.table)
+                child.num_computed = seq.num_computed
+                self.scheduler.adopt(child, after=seq)
+                seqs.append(child)
+                rows.append(row)
+            seq.state.forks = []
+        return seqs, logits[rows]
 
     def _advance(self, seq: SequenceState, result) -> RequestOutput:
         state: _RequestState = seq.state

@@ -101,6 +101,12 @@ class Scheduler:
         seq.status = WAITING
         self._enqueue(seq)
 
+    def adopt(self, seq: Sequence, after: Sequence) -> None:
+        """Run ``seq`` (a fork of running ``after``, holding shared pages) right away."""
+        seq.arrival = after.arrival  # a sample of the same request: preempted like its parent
+        seq.status = RUNNING
+        self.running.insert(self.running.index(after) + 1, seq)
+
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is; its pages are freed at once."""
         for queue in (self.running, self.waiting):

@@ -185,3 +185,21 @@ def test_bad_requests_are_refused_with_the_field_named(model):
     small = engine(model, kv_cache_bytes=eng.kv_cache_bytes // eng.blocks.num_blocks * 4)  # 4 pages
     with pytest.raises(RequestError, match="KV pages"):
         small.add_request("f", [1] * 70, SamplingParams(max_tokens=1))
+
+
+def test_n_samples_share_the_prompt_and_copy_on_write(model):
+    prompt = list(range(40, 61))  # 21 tokens: one full page and a shared, partly filled one
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+    eng = engine(model)
+    ids = eng.add_request("r", prompt, params, n=3)
+    assert ids == ["r", "r#1", "r#2"]
+    outputs = {}
+    while eng.has_unfinished_requests():
+        outputs.update({o.request_id: o.output_token_ids for o in eng.step() if o.finished})
+    assert eng.blocks.usage == 0
+    assert eng.prompt_tokens == len(prompt)            # the prompt ran once for all three samples
+    assert eng.blocks.num_copies == 2                  # two samples copied the shared page; the last owns it
+    for i, rid in enumerate(ids):                      # each sample is what its seed gives alone
+        want = run(engine(model), [prompt], [6], logprobs=None, temperature=1.0, seed=11 + i)[0][0]
+        assert outputs[rid] == want, rid
+    assert len({tuple(v) for v in outputs.values()}) > 1
