@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import load_engine, metric, poll_until, serving
+from server_helpers import load_engine, metric, poll_until, serving
 
 LONG = {"prompt": "a", "max_tokens": 50, "ignore_eos": True, "temperature": 0}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import poll_until, serve_process
+from server_helpers import poll_until, serve_process
 
 
 def listening_addresses(port: int) -> set[str]:
