@@ -338,7 +338,7 @@ def eval_(
     reference: Optional[Path] = typer.Option(None, "--reference", "-r", metavar="MODEL_OR_PACKAGE",
                                              help="Compare next-token distributions with this model (same tokenizer)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", "-n", min=1,
-                                         help="Held-out tokens to score [default: 16384, about a minute on 2 cores]."),
+                                         help="Held-out tokens to score [default: 65536, about a minute on 2 cores]."),
     context: Optional[int] = typer.Option(None, "--context", min=2, help="Window length [the model's positions, max 512]."),
     stride: Optional[int] = typer.Option(None, "--stride", min=1, help="Window step [context / 2]."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir",
@@ -357,7 +357,7 @@ def eval_(
     from llmc.runtime.engine import PackageError
 
     columns = (TextColumn("scoring held-out tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("eval", total=tokens or evaluate.DEFAULT_TOKENS)
         try:
             result = evaluate.run(model, _eval_logits, reference_dir=reference,

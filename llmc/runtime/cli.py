@@ -188,9 +188,10 @@ def info(package_dir: Path) -> None:
 
 
 def package_logits(package_dir: Path, device: str | None):
-    """(ids -> logits of every position, max positions) of a package, for evaluate.run."""
-    max_positions = read_plan(package_dir).get("model", {}).get("max_positions")
-    return Engine.from_package(package_dir, device=device).prefill, max_positions
+    """(ids -> logits of every position, longest input) of a package, for evaluate.run."""
+    engine = Engine.from_package(package_dir, device=device)
+    # prefill keeps room for one generated token, so its longest prompt is one short of the context.
+    return engine.prefill, engine.max_model_len - 1
 
 
 def serve(args, package_dir: Path) -> int:

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 SPLIT_FILE = "split.json"
-DEFAULT_TOKENS = 16384
+DEFAULT_TOKENS = 65536
 DEFAULT_CONTEXT = 512
 LogitsFn = Callable[[Sequence[int]], torch.Tensor]
 
@@ -283,7 +283,7 @@ def report_rows(result: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def warnings(result: dict) -> list[str]:
+def caveats(result: dict) -> list[str]:
     notes = []
     if result["heldout_files_missing"]:
         notes.append(f"{len(result['heldout_files_missing'])} held-out files are missing under {result['data_root']} "
@@ -298,7 +298,7 @@ def format_report(result: dict) -> str:
     rows = report_rows(result)
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
-    return "\n".join(lines + [f"warning: {note}" for note in warnings(result)])
+    return "\n".join(lines + [f"warning: {note}" for note in caveats(result)])
 
 
 # ---- command line (``python PKG eval``) -----------------------------------------------------------
