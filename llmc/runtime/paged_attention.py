@@ -96,10 +96,13 @@ def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap
     """
     b, tq, h, d = q.shape
     kvh = keys.shape[2]
-    qg = q.float().reshape(b, tq, kvh, h // kvh, d).permute(0, 2, 3, 1, 4)   # [B, KVH, G, Tq, D]
+    g = h // kvh
+    # Queries grouped per KV head, [B, KVH, G*Tq, D]: one batched matmul per (sequence, KV head)
+    # reads each key once, with no repeat or broadcast copy of K/V.
+    qg = q.float().reshape(b, tq, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * tq, d)
     kt = keys.float().permute(0, 2, 3, 1)                                    # [B, KVH, D, S]
     vt = values.float().permute(0, 2, 1, 3)                                  # [B, KVH, S, Dv]
-    scores = (qg @ kt[:, :, None]) * scale                                   # [B, KVH, G, Tq, S]
+    scores = (qg @ kt).view(b, kvh, g, tq, -1) * scale                       # [B, KVH, G, Tq, S]
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     kpos = torch.arange(keys.shape[1], device=q.device)
@@ -109,7 +112,8 @@ def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap
     if sliding_window:
         allowed = allowed & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
     scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
-    out = torch.softmax(scores, -1) @ vt[:, :, None]                         # [B, KVH, G, Tq, Dv]
+    probs = torch.softmax(scores, -1).view(b, kvh, g * tq, -1)
+    out = (probs @ vt).view(b, kvh, g, tq, -1)                               # [B, KVH, G, Tq, Dv]
     return out.permute(0, 3, 1, 2, 4).reshape(b, tq, -1)
 
 
