@@ -154,8 +154,9 @@ def test_readme_quick_start_is_the_cli_flow_and_the_ci_test_command():
     quick_start = readme.split("## Quick start")[1].split("\n## ")[0]
     setup, test = re.findall(r"```sh\n(.*?)\n```", quick_start, re.DOTALL)
     assert "\n" not in setup and "\n" not in test  # each is one shell line
-    assert setup.endswith("llmc make-tiny build/tiny && llmc compile build/tiny --target cpu -o build/tiny-cpu "
-                          "&& python build/tiny-cpu generate --prompt 'def main' --max-tokens 16")
+    # tests/test_example_model.py runs these two commands.
+    assert setup.endswith("llmc compile examples/models/stdlib-llama-6m --target cpu -o build/stdlib-cpu "
+                          "&& python build/stdlib-cpu generate --prompt 'def fibonacci(n):' --max-tokens 32")
     test_command = "python -m pytest -q -x --timeout=600 tests"
     assert test.endswith("&& " + test_command)
     assert test_command in (repo / ".ci" / "run").read_text()
