@@ -236,6 +236,7 @@ def example_package(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # compiles the model (about 15 s)
 def test_package_eval_matches_the_hf_model(heldout_available, example_package, tmp_path):
     assert (example_package / evaluate.SPLIT_FILE).read_bytes() == (EXAMPLE_MODEL / evaluate.SPLIT_FILE).read_bytes()
     done = subprocess.run([sys.executable, str(example_package), "eval", "--tokens", "300",
