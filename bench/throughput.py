@@ -84,7 +84,6 @@ def main() -> None:
                               min_new_tokens=args.new_tokens, do_sample=False)
         return out[:, args.prompt_tokens:].tolist()
 
-    total = args.prompt_tokens + args.new_tokens
     llm = LLM(work / "pkg", max_num_seqs=args.batch, max_num_batched_tokens=max(512, args.batch * args.prompt_tokens),
               kv_cache_bytes=None)
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
