@@ -48,21 +48,20 @@ def select_logits(graph: Graph, ctx: PassContext) -> PassResult:
         return PassResult(graph, changed=False, stats={"selected": 0})
     index, value = cut
     taken = {n.name for n in graph.nodes}
-    name = next(f"select_rows{'' if i == 0 else i}" for i in range(len(taken) + 1)
-                if f"select_rows{'' if i == 0 else i}" not in taken)
+    name = "select_rows"
+    while name in taken:
+        name += "_"
     x = graph.type_of(value)
     select = Node(name, OPS["select_rows"], (value,), (), OPS["select_rows"].infer([x], {}),
                   {"module": "", "note": "rows to sample"})
-    rewired = [dataclasses.replace(n, inputs=tuple("%" + name if r == value else r for r in n.inputs))
-               for n in graph.nodes[index:]]
-    outputs = tuple((k, "%" + name if r == value else r) for k, r in graph.outputs)
-    nodes = (*graph.nodes[:index], select, *rewired)
-    # Types after the cut change from T rows to S rows: re-infer them in order.
     types = {**graph.value_types(), select.ref: select.type}
-    final = []
-    for n in nodes:
-        t = n.op.infer([types[r] for r in n.inputs], n.attr_dict)
-        types[n.ref] = t
-        final.append(dataclasses.replace(n, type=t))
+    after = []
+    for n in graph.nodes[index:]:  # read the selection instead of h; types change from T rows to S rows
+        n = dataclasses.replace(n, inputs=tuple(select.ref if r == value else r for r in n.inputs))
+        n = dataclasses.replace(n, type=n.op.infer([types[r] for r in n.inputs], n.attr_dict))
+        types[n.ref] = n.type
+        after.append(n)
+    outputs = tuple((k, select.ref if r == value else r) for k, r in graph.outputs)
+    final = (*graph.nodes[:index], select, *after)
     return PassResult(Graph(graph.inputs, graph.params, tuple(final), outputs, graph.meta), changed=True,
                       stats={"selected": 1})

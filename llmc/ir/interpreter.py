@@ -16,7 +16,7 @@ import torch
 from llmc.errors import IRError
 from llmc.ir.graph import Graph
 from llmc.ir.types import Param
-from llmc.runtime.paged_attention import KVPool
+from llmc.runtime.paged_attention import KVPool, sequence_step
 
 
 class ContiguousKVCache:
@@ -67,12 +67,10 @@ class PagedSequenceKV:
             if not self.free:
                 raise IRError(f"paged KV: {end} tokens need more than {self.pool.num_blocks} pages")
             self.blocks.append(self.free.pop(0))
-        table = torch.tensor(self.blocks)
-        self.slot_mapping = table[positions // bs] * bs + positions % bs
-        self.block_tables = table[None]
-        self.seq_lens = torch.tensor([end])
-        self.query_start = [0, count]
-        self.num_decodes = 1 if count == 1 else 0
+        # Take on the step's metadata fields (the paged ops read them from ctx.kv), keeping rows to
+        # sample that a caller set before the run.
+        step = sequence_step(self.pool, self.blocks, positions, getattr(self, "logits_indices", None))
+        vars(self).update(vars(step))
         self.length = end
 
 

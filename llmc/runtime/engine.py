@@ -28,7 +28,7 @@ import torch
 
 from .block_manager import BlockTable, KVBlockManager
 from .detokenizer import IncrementalDetokenizer
-from .paged_attention import KVPool, PagedStep
+from .paged_attention import KVPool, PagedStep, sequence_step, slot_mapping
 from .sampler import SamplingParams, SequenceSampler, sample
 from .scheduler import Scheduler
 from .scheduler import Sequence as SequenceState
@@ -137,7 +137,6 @@ class _RequestState:
     sampler: SequenceSampler
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
-    logprobs: list[TokenLogprob] = field(default_factory=list)
     forks: list[tuple[str, SamplingParams]] = field(default_factory=list)  # samples still to fork off
 
 
@@ -213,8 +212,11 @@ class LLMEngine:
         if not isinstance(n, int) or n < 1:
             raise RequestError(f"n must be a positive integer, got {n!r}", "n")
         ids = [request_id] + [f"{request_id}#{i}" for i in range(1, n)]
+        taken = {s.request_id for s in (*self.scheduler.running, *self.scheduler.waiting)}
         for rid in ids:
-            self._check_request(rid, prompt, params)
+            if rid in taken:
+                raise RequestError(f"request id {rid!r} is already in use", "request_id")
+        self._check_request(prompt, params)
         forks = [(rid, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
                  for i, rid in enumerate(ids) if i]
         self.scheduler.add(SequenceState(request_id, prompt, priority=priority,
@@ -229,9 +231,7 @@ class LLMEngine:
         return _RequestState(params, SequenceSampler(params, prompt, self.device), detokenizer, stops,
                              forks=list(forks))
 
-    def _check_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        if any(s.request_id == request_id for s in (*self.scheduler.running, *self.scheduler.waiting)):
-            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+    def _check_request(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise RequestError("the prompt is empty; give at least one token", "prompt")
         if self.vocab_size is not None:
@@ -276,26 +276,26 @@ class LLMEngine:
         if not batch.seqs:
             return []
         self.pool.copy_blocks(self.blocks.take_copies())
-        ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+        ids, positions, starts, seq_lens = [], [], [0], []
         for seq, n in zip(batch.seqs, batch.num_new):
             lo, hi = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[lo:hi])
             positions.extend(range(lo, hi))
-            blocks, bs = seq.table.blocks, self.block_size
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, hi))
             starts.append(starts[-1] + n)
             seq_lens.append(hi)
         width = max(len(seq.table.blocks) for seq in batch.seqs)
-        tables = [seq.table.blocks + [0] * (width - len(seq.table.blocks)) for seq in batch.seqs]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        tables = as_tensor([seq.table.blocks + [0] * (width - len(seq.table.blocks)) for seq in batch.seqs])
+        positions = as_tensor(positions)
+        token_rows = torch.repeat_interleave(torch.arange(len(batch), device=self.device), as_tensor(batch.num_new))
+        slots = slot_mapping(tables, token_rows, positions, self.block_size)
         # A sequence whose known tokens are all computed after this step samples its next token
         # from its last row; the graph's select_rows computes the LM head for those rows only.
         ready = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new))
                  if seq.num_computed + n == seq.num_tokens]
         rows = as_tensor([starts[i + 1] - 1 for i in ready])
-        kv = PagedStep(self.pool, as_tensor(slots), as_tensor(tables), as_tensor(seq_lens), starts,
-                       batch.num_decodes, rows)
-        logits = self.forward(self.weights, as_tensor(ids), as_tensor(positions), kv)["logits"]
+        kv = PagedStep(self.pool, slots, tables, as_tensor(seq_lens), starts, batch.num_decodes, rows)
+        logits = self.forward(self.weights, as_tensor(ids), positions, kv)["logits"]
         if len(logits) != len(rows):  # a graph without select_rows returns every row
             logits = logits[rows]
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -335,7 +335,6 @@ class LLMEngine:
         new_logprobs = None
         if state.params.logprobs is not None:
             new_logprobs = [TokenLogprob(token, result.logprob, list(result.top_logprobs or []))]
-            state.logprobs.extend(new_logprobs)
         reason = None
         new_text = ""
         if token in state.stop_ids:
@@ -376,19 +375,15 @@ class LLMEngine:
         """Logits ``[len(prompt_ids), vocab]`` of every position of a prompt, computed in one step
         on pages borrowed from the pool (nothing is cached; call between steps)."""
         prompt = [int(t) for t in prompt_ids]
-        self._check_request("prefill", prompt, SamplingParams(max_tokens=1))
+        self._check_request(prompt, SamplingParams(max_tokens=1))
         table = BlockTable()
         if not self.blocks.can_allocate(table, 0, len(prompt)):
             raise RequestError(f"{len(prompt)} tokens need more free KV pages than the cache has now", "prompt")
         self.blocks.allocate(table, 0, len(prompt))
         try:
-            pages = torch.tensor(table.blocks, dtype=torch.int64, device=self.device)
             pos = torch.arange(len(prompt), device=self.device)
-            slots = pages[pos // self.block_size] * self.block_size + pos % self.block_size
-            kv = PagedStep(self.pool, slots, pages[None], torch.tensor([len(prompt)], device=self.device),
-                           [0, len(prompt)], 1 if len(prompt) == 1 else 0)
             ids = torch.tensor(prompt, dtype=torch.int64, device=self.device)
-            return self.forward(self.weights, ids, pos, kv)["logits"]
+            return self.forward(self.weights, ids, pos, sequence_step(self.pool, table.blocks, pos))["logits"]
         finally:
             self.blocks.free_table(table)
 

@@ -117,20 +117,33 @@ def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap
     return out.permute(0, 3, 1, 2, 4).reshape(b, tq, -1)
 
 
+def slot_mapping(block_tables, rows, positions, block_size):
+    """The slot of each new token: the page its sequence (``rows[t]``, a row of ``block_tables``)
+    holds position ``positions[t]`` in, times the page size, plus the offset in that page."""
+    return block_tables[rows, positions // block_size] * block_size + positions % block_size
+
+
+def sequence_step(pool, blocks, positions, logits_indices=None):
+    """The metadata of a step computing ``positions`` (consecutive) of one sequence owning ``blocks``."""
+    table = torch.tensor([blocks], dtype=torch.int64, device=pool.device)
+    positions = positions.to(pool.device)
+    slots = slot_mapping(table, torch.zeros_like(positions), positions, pool.block_size)
+    lens = torch.tensor([int(positions[-1]) + 1], device=pool.device)
+    return PagedStep(pool, slots, table, lens, [0, len(positions)], int(len(positions) == 1), logits_indices)
+
+
 def gather_pages(pages, block_tables, length):
     """The first ``length`` cached rows of each sequence: [B, length, KVH, D] read through its pages."""
-    b, n = block_tables.shape
-    rows = pages[block_tables].reshape(b, n * pages.shape[1], *pages.shape[2:])
-    return rows[:, :length]
+    width = -(-length // pages.shape[1])  # pages that hold them
+    rows = pages[block_tables[:, :width]]
+    return rows.reshape(len(block_tables), width * pages.shape[1], *pages.shape[2:])[:, :length]
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, positions, num_heads, head_dim,
                            scale, causal, sliding_window, softcap):
     """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched."""
     longest = int(seq_lens.max())
-    width = -(-longest // k_pages.shape[1])
-    tables = block_tables[:, :width]
-    keys, values = gather_pages(k_pages, tables, longest), gather_pages(v_pages, tables, longest)
+    keys, values = gather_pages(k_pages, block_tables, longest), gather_pages(v_pages, block_tables, longest)
     out = attend(q.reshape(len(q), 1, num_heads, head_dim), keys, values, positions[:, None], seq_lens,
                  scale, causal, sliding_window, softcap)
     return out.reshape(len(q), -1)
@@ -139,9 +152,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, position
 def paged_prefill_attention(q, k_pages, v_pages, block_table, seq_len, positions, num_heads, head_dim,
                             scale, causal, sliding_window, softcap):
     """A chunk of one sequence's tokens (``q`` [Tq, H*D]) over its pages (earlier chunks included)."""
-    width = -(-seq_len // k_pages.shape[1])
-    keys = gather_pages(k_pages, block_table[None, :width], seq_len)
-    values = gather_pages(v_pages, block_table[None, :width], seq_len)
+    keys, values = gather_pages(k_pages, block_table[None], seq_len), gather_pages(v_pages, block_table[None], seq_len)
     lens = torch.tensor([seq_len], device=q.device)
     out = attend(q.reshape(1, len(q), num_heads, head_dim), keys, values, positions[None], lens,
                  scale, causal, sliding_window, softcap)
