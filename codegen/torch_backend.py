@@ -22,7 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 import llmc
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
-from llmc.runtime import functional, paged_attention
+from llmc.runtime import functional, paged_attention, quant
 
 from .layers import LayerKind, LayerNumber, LayerRun, find_layer_kinds
 
@@ -57,6 +57,42 @@ EMITTERS: dict[str, Emitter] = {
     "scale": lambda a, k: f"{a[0]} * {k['factor']}",                                  # x * factor
     "slice": lambda a, k: f"{a[0]}[:, {k['start']}:{k['stop']}]",
     "cast": lambda a, k: f"{a[0]}.to(torch.{k['dtype'][1:-1]})",                      # dtype name literal
+    # Quantized / sparse linears: the reference math (dequantize, then F.linear). On device cpu
+    # CPU_EMITTERS below replace them with what measured fastest (bench/RESULTS.md).
+    "linear_int8": lambda a, k: f"linear_int8({', '.join(a)})",
+    "linear_int4": lambda a, k: f"linear_int4({', '.join(a[:4])}, {a[4] if len(a) > 4 else None}, "
+                                f"group_size={k['group_size']})",
+    "linear_fp8": lambda a, k: f"linear_fp8({', '.join(a)})",
+    "linear_w8a8": lambda a, k: f"linear_w8a8({', '.join(a)})",
+    "linear_24": lambda a, k: f"linear_24({', '.join(a)})",
+}
+
+
+def prepared(expr: str, suffix: str) -> str:
+    """The weight expression of a tensor ``prepare_weights`` derived from a param at load time:
+    ``w["a.qweight"]`` -> ``w["a.qweight:cpu"]`` (also inside a layer function's f-string key)."""
+    if not expr.endswith('"]'):
+        raise LlmcError(f"torch backend: {expr} is not a weight (prepared layouts need the param itself)")
+    return f'{expr[:-2]}:{suffix}"]'
+
+
+# device cpu: int8 and int4 run ATen's weight-only kernels (bfloat16 activations inside; 3-4x the
+# float32 GEMV speed at batch 1 on the dev machine); fp8 and 2:4 have no CPU kernel, so their
+# weights are expanded to float32 once at load (``prepare_weights``) and run as plain linears.
+CPU_EMITTERS: dict[str, Emitter] = {
+    "linear_int8": lambda a, k: f"linear_int8_cpu({', '.join(a)})",
+    "linear_int4": lambda a, k: f"linear_int4_cpu({a[0]}, {prepared(a[1], 'int4pack')}, "
+                                f"{prepared(a[1], 'scales_and_zeros')}, {a[4] if len(a) > 4 else None}, "
+                                f"group_size={k['group_size']})",
+    "linear_fp8": lambda a, k: f"F.linear({', '.join([a[0], prepared(a[1], 'dense'), *a[3:]])})",
+    "linear_24": lambda a, k: f"F.linear({', '.join([a[0], prepared(a[1], 'dense'), *a[3:]])})",
+}
+# op -> (derived tensors, the load-time expression computing them from the op's param names).
+CPU_PREPARE: dict[str, Callable[[list[str], dict[str, Any]], tuple[list[str], str]]] = {
+    "linear_int4": lambda p, k: (["int4pack", "scales_and_zeros"],
+                                 f"prepare_int4_cpu({p[1]}, {p[2]}, {p[3]}, {k['group_size']})"),
+    "linear_fp8": lambda p, k: (["dense"], f"dequantize_fp8({p[1]}, {p[2]})"),
+    "linear_24": lambda p, k: (["dense"], f"decompress_24({p[1]}, {p[2]})"),
 }
 # Ops whose emitted code calls helpers the template defines (emitted only when used): op -> the
 # runtime functions whose source is copied into model.py, callees before callers.
@@ -68,6 +104,12 @@ TEMPLATE_HELPERS = {
                         paged_attention.paged_decode_attention, paged_attention.paged_prefill_attention,
                         paged_attention.paged_attention),
     "select_rows": (paged_attention.select_rows,),
+    "linear_int8": (quant.dequantize_int8, quant.linear_int8, quant.linear_int8_cpu),
+    "linear_int4": (quant.unpack_int4, quant.dequantize_int4, quant.linear_int4, quant.prepare_int4_cpu,
+                    quant.linear_int4_cpu),
+    "linear_fp8": (quant.dequantize_fp8, quant.linear_fp8),
+    "linear_w8a8": (quant.quantize_per_token_int8, quant.linear_w8a8),
+    "linear_24": (quant.decompress_24, quant.linear_24),
 }
 # Helper source for ops registered by plugins: op name -> a Python function definition.
 PLUGIN_HELPERS: dict[str, str] = {}
@@ -128,8 +170,13 @@ class LayerFunction:
     returns: list[str]
 
 
-def emit_line(node: Node, args: list[str], attrs: dict[str, Any], comment: str) -> str:
-    emitter = EMITTERS.get(node.op.name)
+def emitters_for(device: str) -> dict[str, Emitter]:
+    return {**EMITTERS, **(CPU_EMITTERS if device == "cpu" else {})}
+
+
+def emit_line(node: Node, args: list[str], attrs: dict[str, Any], comment: str,
+              emitters: dict[str, Emitter] = EMITTERS) -> str:
+    emitter = emitters.get(node.op.name)
     if emitter is None:
         where = f" at {node.meta['module']}" if node.meta.get("module") else ""
         raise LlmcError(f"torch backend: no code generator for op {node.op.name!r} (node {node.ref}{where}); "
@@ -152,7 +199,24 @@ class _Scope:
         return self.names.get(ref) or value_name(ref)
 
 
-def _layer_function(kind: LayerKind) -> LayerFunction:
+def prepare_lines(graph: Graph, device: str) -> list[str]:
+    """The body of model.py's ``prepare_weights(w)``: layouts derived from params once, at load."""
+    if device != "cpu":
+        return []
+    lines: list[str] = []
+    done: set[str] = set()
+    for node in graph.nodes:
+        make = CPU_PREPARE.get(node.op.name)
+        if make is None or node.inputs[1] in done:
+            continue
+        done.add(node.inputs[1])
+        params = [_param_expr(r[1:]) if r.startswith("@") else r for r in node.inputs]
+        suffixes, expr = make(params, {k: literal(v) for k, v in node.attrs})
+        lines.append(f"{', '.join(prepared(params[1], s) for s in suffixes)} = {expr}")
+    return lines
+
+
+def _layer_function(kind: LayerKind, emitters: dict[str, Emitter]) -> LayerFunction:
     run = kind.template
     value_inputs = [r for r in run.inputs if r not in run.graph_inputs]
     arg_names = {r: ("x" if len(value_inputs) == 1 else f"x{i}") for i, r in enumerate(value_inputs)}
@@ -171,7 +235,7 @@ def _layer_function(kind: LayerKind) -> LayerFunction:
         attrs = {k: run.attr(k, v) for k, v in node.attrs}
         module = node.meta.get("module") or ""
         comment = module[len(run.prefix) + 1:] if module.startswith(run.prefix + ".") else ""
-        body.append(emit_line(node, [scope.expr(r) for r in node.inputs], attrs, comment))
+        body.append(emit_line(node, [scope.expr(r) for r in node.inputs], attrs, comment, emitters))
     layers = ", ".join(str(r.index) for r in kind.runs)
     doc = (f"Layer ``{stem}.{{layer}}``, for layers {layers}; values are named after layer {run.index}'s IR nodes.")
     return LayerFunction(kind.name, doc, ["w", "layer", "kv", *(arg_names[r] for r in run.inputs)],
@@ -196,9 +260,10 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
                  factor_layers: bool = True) -> str:
     """The source of model.py for ``graph`` (deterministic: same graph -> same text)."""
     input_names = _check_inputs(graph)
+    emitters = emitters_for(device)
     for node in graph.nodes:  # fail before rendering anything, naming the first unsupported node
-        if node.op.name not in EMITTERS:
-            emit_line(node, [], {}, "")
+        if node.op.name not in emitters:
+            emit_line(node, [], {}, "", emitters)
     found = find_layer_kinds(graph, RESERVED | set(EMITTERS)) if factor_layers else None
     runs, kinds = found if found else ([], [])
     kind_of = {id(run): kind for kind in kinds for run in kind.runs}
@@ -212,7 +277,7 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
             forward_body.append(_layer_call(kind_of[id(run)], run))
         elif node.ref not in in_run:
             forward_body.append(emit_line(node, [scope.expr(r) for r in node.inputs], node.attr_dict,
-                                          node.meta.get("module") or ""))
+                                          node.meta.get("module") or "", emitters))
     used = {n.op.name for n in graph.nodes}
     env = Environment(loader=PackageLoader("llmc.codegen", "templates"), undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
@@ -224,5 +289,6 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
         helpers=[inspect.getsource(fn).rstrip() for op in sorted(used & set(TEMPLATE_HELPERS))
                  for fn in TEMPLATE_HELPERS[op]],
         extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
-        layer_functions=[_layer_function(k) for k in kinds], forward_body=forward_body,
+        layer_functions=[_layer_function(k, emitters) for k in kinds], forward_body=forward_body,
+        prepare_body=prepare_lines(graph, device),
         outputs=[(name, scope.expr(ref)) for name, ref in graph.outputs])

@@ -18,6 +18,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
     "int8": torch.int8,
     "uint8": torch.uint8,
+    "float8_e4m3fn": torch.float8_e4m3fn,
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -164,7 +164,10 @@ class LLMEngine:
         if not self.layer_shapes:
             raise PackageError("plan.json records no paged attention layers (kv_cache.layers): the package was "
                                "compiled without the attention_lowering pass; compile it again")
-        self.dtype = next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+        # The activations' dtype: that of the largest floating weight (quantized packages also hold
+        # float scales and fp8 storage, which are not what the model computes in).
+        floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
+        self.dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
         kv_bytes = config.kv_cache_bytes or runtime.get("kv_cache_bytes") or 256 * 2**20
         per_block = KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.dtype, 4))
         num_blocks = kv_bytes // per_block
@@ -192,6 +195,8 @@ class LLMEngine:
         if not weights_path.is_file():
             raise PackageError(f"{weights_path} not found: the package is incomplete; compile it again")
         weights = load_file(str(weights_path), device=str(dev))
+        if hasattr(module, "prepare_weights"):  # load-time layouts (packed int4, expanded fp8/2:4)
+            weights = module.prepare_weights(weights)
         tokenizer = PackageTokenizer.from_dir(package_dir)
         return cls(module.forward, weights, plan, device=dev, tokenizer=tokenizer,
                    eos_ids=stop_ids(package_dir, tokenizer), config=config,
