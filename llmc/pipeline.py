@@ -66,6 +66,7 @@ class PassInfo:
     requires: tuple[str, ...]
     provides: tuple[str, ...]
     source_hash: str
+    lossy: bool = False  # changes the model's numbers: a compile that ran it measures quality (report.json)
 
     module = property(lambda self: self.fn.__module__)
     doc = property(lambda self: (inspect.getdoc(self.fn) or "").partition("\n")[0])  # for `llmc passes`
@@ -136,12 +137,14 @@ PASSES = PassRegistry(discover=True)
 
 
 def register_pass(name: str, options: type[BaseModel] | None = None, requires: Sequence[str] = (),
-                  provides: Sequence[str] = (), registry: PassRegistry = PASSES):
-    """Decorator: register ``fn(graph, ctx) -> PassResult`` as pass ``name``; returns ``fn`` unchanged."""
+                  provides: Sequence[str] = (), lossy: bool = False, registry: PassRegistry = PASSES):
+    """Decorator: register ``fn(graph, ctx) -> PassResult`` as pass ``name``; returns ``fn`` unchanged.
+    ``lossy`` passes (quantize, prune, gqa_rewrite) change the model's outputs on purpose; when one
+    changed the graph, ``llmc compile`` measures the quality cost against the unoptimized graph."""
 
     def wrap(fn: PassFn) -> PassFn:
         registry.register(PassInfo(name, fn, options or NoOptions, tuple(requires), tuple(provides),
-                                   _source_hash(fn)))
+                                   _source_hash(fn), lossy))
         return fn
 
     return wrap
@@ -210,6 +213,7 @@ class PassRecord:
     stats: dict[str, Any]
     nodes_before: int
     nodes_after: int
+    lossy: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,7 @@ def run_pipeline(graph: Graph, target: Target, *, source: str = "<target>", dump
         except IRError as exc:
             raise PipelineError(f"{where} left invalid IR: {exc}{_ran_before(records)}") from exc
         record = PassRecord(info.name, seconds, result.changed, dict(result.stats),
-                            len(graph.nodes), len(result.graph.nodes))
+                            len(graph.nodes), len(result.graph.nodes), info.lossy)
         records.append(record)
         graph = result.graph
         write_dump(i + 1, info.name)
