@@ -277,16 +277,26 @@ def compile_(
     set_: Optional[list[str]] = typer.Option(None, "--set",
                                              help="Override a target field or pass option: `a.b=c` (repeatable)."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
+    report: bool = typer.Option(False, "--report",
+                                help="Print report.json as a table: bytes per param group before/after, KV bytes "
+                                     "per token, and after a lossy pass KL / top-1 agreement / perplexity."),
+    quality_tokens: Optional[int] = typer.Option(
+        None, "--quality-tokens", min=0,
+        help="Held-out tokens scored after a lossy pass (quantize, prune, gqa_rewrite); 0 skips. Default 1024."),
 ) -> None:
     """Compile MODEL_DIR for a target into a self-contained package.
 
     Example: `llmc compile build/tiny --target cpu -o build/tiny-cpu && python build/tiny-cpu generate --prompt "def "`
+
+    Quantize the example model to int4 and see what it cost:
+    `llmc compile examples/models/stdlib-llama-6m -o build/int4 --set quantize.scheme=int4 --report`
     """
     from llmc.compiler import compile_model
 
     with err.status("compiling") as status:
         result = compile_model(model_dir, target, output, overrides=set_ or (), dump_ir=dump_ir,
-                               on_event=lambda stage, detail: status.update(f"{stage}: {detail}"))
+                               on_event=lambda stage, detail: status.update(f"{stage}: {detail}"),
+                               quality_tokens=quality_tokens)
     table = Table(title=f"{model_dir} -> {result.out_dir} (target {result.target.name})")
     for column in ("pass", "changed", "nodes", "stats", "time"):
         table.add_column(column)
@@ -301,7 +311,21 @@ def compile_(
     _field("weights", f"{human_bytes(result.weight_bytes)} in {len(result.graph.params)} tensors")
     _field("roofline", f"decode >= {floor * 1e3:.3g} ms/token (<= {1 / floor:,.0f} tokens/s) reading weights "
                        f"at {result.target.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s")
+    if report:
+        _print_compile_report(result.compile_report)
     _field("run it", f"python {result.out_dir} generate --prompt \"...\" --max-tokens 32")
+
+
+def _print_compile_report(report: dict) -> None:
+    from llmc.quality import report_rows
+
+    table = Table(title="report.json" + (f" (lossy: {', '.join(report['lossy_passes'])})"
+                                         if report["lossy_passes"] else ""))
+    for column in ("", "before", "after", "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    for row in report_rows(report):
+        table.add_row(*row)
+    out.print(table)
 
 
 def _eval_logits(path: Path):

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from llmc.ir import Graph
 
-# on_event(stage, detail): stage is "load", "pass", "codegen" or "done"; detail says what happens.
+# on_event(stage, detail): stage is "load", "pass", "quality", "codegen" or "done"; detail says what happens.
 EventFn = Callable[[str, str], None]
 
 
@@ -20,6 +20,7 @@ class CompileResult:
     target: object
     report: object                      # llmc.pipeline.PipelineReport
     cache_key: str
+    compile_report: dict = field(default_factory=dict)  # report.json: sizes, quality (llmc/quality.py)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -34,8 +35,12 @@ class CompileResult:
 
 def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, *,
                   overrides: Sequence[str] = (), dump_ir: str | Path | None = None,
-                  on_event: EventFn | None = None) -> CompileResult:
-    """Compile ``model_dir`` for ``target_name`` into ``out_dir``; every error is an LlmcError."""
+                  on_event: EventFn | None = None, quality_tokens: int | None = None) -> CompileResult:
+    """Compile ``model_dir`` for ``target_name`` into ``out_dir``; every error is an LlmcError.
+
+    After a lossy pass (quantize, prune, gqa_rewrite) the compiled graph is scored against the
+    imported one on ``quality_tokens`` held-out tokens (default ``quality.DEFAULT_TOKENS``; 0 skips)."""
+    from llmc.quality import DEFAULT_TOKENS, compile_report
     from llmc.codegen import emit_package
     from llmc.frontend.hf import load_hf
     from llmc.pipeline import cache_key, run_pipeline, validate_pipeline
@@ -56,11 +61,20 @@ def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, 
                           on_event=lambda kind, name, record: notify("pass", name) if kind == "start" else None)
     seconds["passes"] = time.perf_counter() - start
 
+    start = time.perf_counter()
+    if any(r.lossy and r.changed for r in report.records) and quality_tokens != 0:
+        notify("quality", f"scoring the compiled graph against the imported one "
+                          f"({quality_tokens or DEFAULT_TOKENS} tokens)")
+    sizes = compile_report(imported.graph, report.graph, report.records,
+                           quality_tokens=DEFAULT_TOKENS if quality_tokens is None else quality_tokens)
+    seconds["quality"] = time.perf_counter() - start
+
     notify("codegen", f"writing {out_dir} ({target.backend} backend)")
     start = time.perf_counter()
     key = cache_key(target, model_dir, steps)
     report_dict = {**report.as_dict(timings=False), "cache_key": key}
-    out = emit_package(report.graph, target, out_dir, checkpoint_dir=model_dir, report=report_dict)
+    out = emit_package(report.graph, target, out_dir, checkpoint_dir=model_dir, report=report_dict,
+                       compile_report=sizes)
     seconds["codegen"] = time.perf_counter() - start
     notify("done", str(out))
-    return CompileResult(out, report.graph, target, report, key, seconds)
+    return CompileResult(out, report.graph, target, report, key, stage_seconds=seconds, compile_report=sizes)

@@ -140,6 +140,16 @@ def linear_int8_cpu(x, qweight, scale, bias=None):
     return y if bias is None else y + bias
 
 
+def linear_w8a8_cpu(x, qweight, scale, smooth, bias=None):
+    """W8A8 through the weight-only int8 kernel: the int8 activation values are exact in bfloat16
+    (|q| <= 127 needs 7 bits), so the kernel multiplies the same integers; the per-token scale is
+    applied after."""
+    xq, xscale = quantize_per_token_int8(x.float() / smooth.float())
+    y = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), qweight, scale.to(torch.bfloat16))
+    y = (y.float() * xscale[:, None]).to(x.dtype)
+    return y if bias is None else y + bias
+
+
 def prepare_int4_cpu(qweight, scales, zeros, group_size):
     """Our int4 layout -> ATen's CPU int4 layout (machine-specific, so done at load time): the
     packed weight and ``scales_and_zeros`` ``[in // g, out, 2]`` bfloat16 for ``w = (q - 8) * s + z``
