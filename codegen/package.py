@@ -3,6 +3,8 @@
     model.py                    generated forward step (torch backend)
     weights/model.safetensors   every graph param by IR name
     plan.json                   IR text, target, passes; model facts the runtime needs
+    report.json                 bytes per param group before/after passes, KV bytes per token,
+                                and after lossy passes the quality cost (llmc/quality.py)
     runtime/                    copy of llmc/runtime (imports no llmc)
     __main__.py, __init__.py    `python PKG generate ...`; `pip install PKG` works too
     pyproject.toml, README.md
@@ -44,7 +46,7 @@ BACKENDS = {"torch": render_model}
 
 
 def emit_package(graph: Graph, target: Any, out_dir: str | Path, *, checkpoint_dir: str | Path | None,
-                 report: Mapping[str, Any] | None) -> Path:
+                 report: Mapping[str, Any] | None, compile_report: Mapping[str, Any] | None = None) -> Path:
     """Write the package for ``graph`` compiled for ``target`` to ``out_dir``; return ``out_dir``.
 
     ``out_dir`` must be new, empty or an earlier package (it is replaced whole, so no stale file
@@ -65,7 +67,7 @@ def emit_package(graph: Graph, target: Any, out_dir: str | Path, *, checkpoint_d
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_package(staging, graph, target, ckpt, dict(report or {}))
+        _write_package(staging, graph, target, ckpt, dict(report or {}), compile_report)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -83,7 +85,8 @@ def _check_out_dir(out_dir: Path) -> None:
         raise LlmcError(f"{out_dir} is not empty and holds no llmc package; choose a new or empty directory")
 
 
-def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, report: dict) -> None:
+def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, report: dict,
+                   compile_report: Mapping[str, Any] | None = None) -> None:
     name = import_name(ckpt.resolve().name if ckpt else str(graph.meta.get("model_type", "model")), target.name)
     passes = pass_summaries(report)
     model_facts = _model_facts(graph, ckpt)
@@ -100,10 +103,14 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
         "report": without_timings(report),
         "weights": {"file": WEIGHTS_FILE, "tensors": len(graph.params), "bytes": n_bytes},
         "kv_cache": {"page_size": graph.meta.get("kv_page_size", target.runtime.kv_page_size),
-                     "layers": graph.meta.get("kv_layers", {})},
+                     "layers": graph.meta.get("kv_layers", {}),
+                     "dtype": graph.meta.get("kv_dtype")},  # stored dtype of quantized pages; null: activations
         "graph": format_graph(graph).splitlines(),
     }
     _write(root / "plan.json", json.dumps(plan, indent=1, sort_keys=True, default=_json_default) + "\n")
+    if compile_report is not None:
+        _write(root / "report.json", json.dumps(without_timings(compile_report), indent=1, sort_keys=True,
+                                                default=_json_default) + "\n")
     copied = []
     for file in CHECKPOINT_FILES:
         if ckpt is not None and (ckpt / file).is_file():
