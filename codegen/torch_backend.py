@@ -35,7 +35,8 @@ def _call(fn: str, *attr_names: str) -> Emitter:
     return lambda a, k: f"{fn}({', '.join([*a, *(f'{n}={k[n]}' for n in attr_names)])})"
 
 
-ATTENTION_ATTRS = ("layer", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "sliding_window", "softcap")
+ATTENTION_ATTRS = ("layer", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "sliding_window", "softcap",
+                   "kv_dtype", "k_scale", "v_scale")
 
 # op name -> emitter; the comment says which reference in llmc/ir/ops.py it reproduces.
 EMITTERS: dict[str, Emitter] = {
@@ -99,8 +100,9 @@ CPU_PREPARE: dict[str, Callable[[list[str], dict[str, Any]], tuple[list[str], st
 TEMPLATE_HELPERS = {
     "rms_norm": (functional.rms_norm,),
     "rope": (functional.rope,),
-    "attention": (functional.attention,),
-    "paged_attention": (paged_attention.write_kv, paged_attention.attend, paged_attention.gather_pages,
+    "attention": (functional.quantize_kv, functional.dequantize_kv, functional.attention),
+    "paged_attention": (functional.quantize_kv, functional.dequantize_kv,
+                        paged_attention.write_kv, paged_attention.attend, paged_attention.gather_pages,
                         paged_attention.paged_decode_attention, paged_attention.paged_prefill_attention,
                         paged_attention.paged_attention),
     "select_rows": (paged_attention.select_rows,),

@@ -9,3 +9,4 @@ from llmc.passes import attention_lowering  # noqa: F401
 from llmc.passes import select_logits  # noqa: F401
 from llmc.passes import gqa_rewrite  # noqa: F401
 from llmc.passes import prune  # noqa: F401
+from llmc.passes import quantize_kv  # noqa: F401

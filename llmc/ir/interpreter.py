@@ -15,7 +15,7 @@ import torch
 
 from llmc.errors import IRError
 from llmc.ir.graph import Graph
-from llmc.ir.types import Param
+from llmc.ir.types import DTYPES, Param
 from llmc.runtime.paged_attention import KVPool, sequence_step
 
 
@@ -49,8 +49,8 @@ class PagedSequenceKV:
     must continue the sequence (or restart it at an earlier position, a re-prefill).
     """
 
-    def __init__(self, block_size: int = 4, num_blocks: int = 128) -> None:
-        self.pool = KVPool(num_blocks, block_size)
+    def __init__(self, block_size: int = 4, num_blocks: int = 128, dtype: torch.dtype = torch.float32) -> None:
+        self.pool = KVPool(num_blocks, block_size, dtype)
         # Pages in a scrambled order (stride 7 is coprime with any power-of-two pool size).
         self.free = [(i * 7 + 3) % num_blocks for i in range(num_blocks)]
         self.blocks: list[int] = []
@@ -82,7 +82,10 @@ class ExecutionContext:
     def for_graph(cls, graph: Graph) -> "ExecutionContext":
         """A fresh one-sequence context with the KV cache the graph's attention ops use."""
         paged = any(n.op.name == "paged_attention" for n in graph.nodes)
-        return cls(PagedSequenceKV() if paged else ContiguousKVCache())
+        if not paged:
+            return cls(ContiguousKVCache())
+        kv_dtype = graph.meta.get("kv_dtype")  # pages stored quantized, as the runtime keeps them
+        return cls(PagedSequenceKV(dtype=DTYPES[kv_dtype] if kv_dtype else torch.float32))
 
 
 class Interpreter:

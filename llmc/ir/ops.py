@@ -130,19 +130,42 @@ class Rope:
 
 # ---- attention -----------------------------------------------------------------------------------
 
+KV_DTYPES = ("int8", "float8_e4m3fn")  # storage of a quantized KV cache (one byte per element)
+
+
+def _check_kv_quantization(attrs: dict[str, Any]) -> None:
+    kv_dtype, kvh = attrs["kv_dtype"], attrs["num_kv_heads"]
+    if kv_dtype is None:
+        if attrs["k_scale"] is not None or attrs["v_scale"] is not None:
+            raise IRError("attention: k_scale/v_scale are set but kv_dtype is not")
+        return
+    if kv_dtype not in KV_DTYPES:
+        raise IRError(f"attention: kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    for name in ("k_scale", "v_scale"):
+        scale = attrs[name]
+        if not (isinstance(scale, tuple) and len(scale) == kvh
+                and all(isinstance(s, float) and s > 0 for s in scale)):
+            raise IRError(f"attention: {name} must be a tuple of {kvh} positive floats (one per KV head), "
+                          f"got {scale!r}")
+
+
 @register_op("attention", ("q", "k", "v", "positions"),
              {"layer": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0, "scale": 0.0,
-              "causal": True, "sliding_window": None, "softcap": None}, stateful=True)
+              "causal": True, "sliding_window": None, "softcap": None,
+              "kv_dtype": None, "k_scale": None, "v_scale": None}, stateful=True)
 class Attention:
     """Causal multi-head attention with GQA, over this step's tokens and the layer's KV cache.
 
     Writes this step's k/v into the cache at ``positions``, then each query at position p attends to
     cached keys at positions in ``(p - sliding_window, p]``; ``softcap`` applies
-    ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
+    ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2). ``kv_dtype`` ("int8" or
+    "float8_e4m3fn", set by the quantize_kv pass) stores k/v quantized with the static per-KV-head
+    scales ``k_scale`` / ``v_scale`` (tuples of floats), read back dequantized.
     """
 
     @staticmethod
     def infer(types, attrs):
+        _check_kv_quantization(attrs)
         q, k, v = types[:3]
         h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
         if h <= 0 or kvh <= 0 or h % kvh:

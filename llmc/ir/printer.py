@@ -8,6 +8,8 @@ from llmc.ir.graph import Graph
 def _fmt_attr(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, tuple) and value and all(isinstance(v, float) for v in value):  # k_scale, v_scale
+        return "(" + ", ".join(f"{v:.6g}" for v in value) + ")"
     return repr(value) if isinstance(value, str) else str(value)
 
 

@@ -35,7 +35,7 @@ from .scheduler import Sequence as SequenceState
 from .tokenizer import PackageTokenizer
 
 WEIGHTS_FILE = "weights/model.safetensors"
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1, torch.float8_e4m3fn: 1}
 
 
 class PackageError(Exception):
@@ -168,12 +168,18 @@ class LLMEngine:
         # float scales and fp8 storage, which are not what the model computes in).
         floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
         self.dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
+        # Pages are stored in the activations' dtype unless the graph quantizes them (quantize_kv
+        # writes int8 / float8_e4m3fn into plan.json): a quarter of float32's bytes buys 4x the pages.
+        kv_dtype = kv.get("dtype")
+        if kv_dtype and not isinstance(getattr(torch, kv_dtype, None), torch.dtype):
+            raise PackageError(f"plan.json: kv_cache.dtype {kv_dtype!r} is not a torch dtype; compile it again")
+        self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else self.dtype
         kv_bytes = config.kv_cache_bytes or runtime.get("kv_cache_bytes") or 256 * 2**20
-        per_block = KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.dtype, 4))
+        per_block = KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.kv_dtype, 4))
         num_blocks = kv_bytes // per_block
         if num_blocks < 1:
             raise PackageError(f"--kv-cache-bytes {kv_bytes} is less than one KV page ({per_block} bytes)")
-        self.pool = KVPool(num_blocks, self.block_size, self.dtype, device, self.layer_shapes)
+        self.pool = KVPool(num_blocks, self.block_size, self.kv_dtype, device, self.layer_shapes)
         self.blocks = KVBlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs or runtime.get("max_num_seqs") or 8,
                                    config.max_num_batched_tokens or runtime.get("max_num_batched_tokens") or 512)
@@ -395,7 +401,7 @@ class LLMEngine:
     def kv_report(self) -> str:
         tokens = self.blocks.num_blocks * self.block_size
         return (f"KV cache: {self.blocks.num_blocks} pages x {self.block_size} tokens = {tokens} tokens, "
-                f"{self.kv_cache_bytes / 2**20:.1f} MiB {str(self.dtype).replace('torch.', '')} over "
+                f"{self.kv_cache_bytes / 2**20:.1f} MiB {str(self.kv_dtype).replace('torch.', '')} over "
                 f"{len(self.layer_shapes)} layers; prefix caching "
                 f"{'on' if self.blocks.enable_prefix_caching else 'off'}")
 

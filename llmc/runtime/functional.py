@@ -36,14 +36,20 @@ def rope(x, positions, inv_freq, head_dim, rotary_dim, interleaved, scaling):
 
 
 def attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, scale, causal,
-              sliding_window, softcap):
+              sliding_window, softcap, kv_dtype=None, k_scale=None, v_scale=None):
     """Multi-head attention with GQA over this step's tokens and the layer's cached keys/values.
 
     Query at position p attends to cached keys at positions in ``(p - sliding_window, p]``;
     ``softcap`` applies ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
+    With ``kv_dtype`` the cache keeps what a quantized page holds (``quantize_kv`` then
+    ``dequantize_kv`` with the per-KV-head scales), so this matches the paged runtime.
     """
-    k_all, v_all, kpos = kv.append(layer, k.reshape(len(k), num_kv_heads, head_dim),
-                                   v.reshape(len(v), num_kv_heads, -1), positions)
+    k = k.reshape(len(k), num_kv_heads, head_dim)
+    v = v.reshape(len(v), num_kv_heads, -1)
+    if kv_dtype:
+        k = dequantize_kv(quantize_kv(k, k_scale, kv_dtype), k_scale)
+        v = dequantize_kv(quantize_kv(v, v_scale, kv_dtype), v_scale)
+    k_all, v_all, kpos = kv.append(layer, k, v, positions)
     qh = q.reshape(len(q), num_heads, head_dim).transpose(0, 1).float()                  # [H, Tq, D]
     kh = k_all.transpose(0, 1).float().repeat_interleave(num_heads // num_kv_heads, 0)  # [H, S, D]
     vh = v_all.transpose(0, 1).float().repeat_interleave(num_heads // num_kv_heads, 0)
@@ -59,3 +65,21 @@ def attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, 
     scores = scores.masked_fill(~allowed, -math.inf)
     out = torch.softmax(scores, -1) @ vh                                                 # [H, Tq, Dv]
     return out.transpose(0, 1).reshape(len(q), -1).to(q.dtype)
+
+
+def quantize_kv(x, scale, kv_dtype):
+    """``x`` [..., kv_heads, D] -> ``kv_dtype`` ("int8" or "float8_e4m3fn") storage of ``x / scale``
+    with one float32 scale per KV head: int8 rounds to nearest and clamps to [-127, 127]
+    (symmetric); float8 clamps to its largest finite value (448) and the cast rounds."""
+    dtype = getattr(torch, kv_dtype)
+    y = x.float() / torch.as_tensor(scale, dtype=torch.float32, device=x.device)[:, None]
+    if dtype.is_floating_point:
+        top = torch.finfo(dtype).max
+        return y.clamp(-top, top).to(dtype)
+    top = torch.iinfo(dtype).max
+    return y.round().clamp(-top, top).to(dtype)
+
+
+def dequantize_kv(x, scale):
+    """Quantized K or V [..., kv_heads, D] -> float32 values (``x * scale`` per KV head)."""
+    return x.float() * torch.as_tensor(scale, dtype=torch.float32, device=x.device)[:, None]

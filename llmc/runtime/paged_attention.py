@@ -21,9 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .functional import dequantize_kv, quantize_kv
+
 
 class KVPool:
-    """The K and V pages of every layer, allocated up front (``layer_shapes``) or on first use."""
+    """The K and V pages of every layer, allocated up front (``layer_shapes``) or on first use.
+
+    ``dtype`` is the activations' dtype, or ``torch.int8`` / ``torch.float8_e4m3fn`` when the graph
+    quantizes the KV cache (one byte per element: a quarter of float32's pages' bytes)."""
 
     def __init__(self, num_blocks, block_size, dtype=torch.float32, device="cpu", layer_shapes=None):
         self.num_blocks = num_blocks
@@ -82,10 +87,16 @@ class PagedStep:
         """Nothing to prepare: the runtime built this step's metadata (single-sequence caches do more)."""
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping):
-    """Store this step's ``k`` [T, kv_heads, D] / ``v`` into their slots of the layer's pages."""
-    k_pages.view(-1, *k_pages.shape[2:]).index_copy_(0, slot_mapping, k.to(k_pages.dtype))
-    v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
+def write_kv(k_pages, v_pages, k, v, slot_mapping, kv_dtype=None, k_scale=None, v_scale=None):
+    """Store this step's ``k`` [T, kv_heads, D] / ``v`` into their slots of the layer's pages;
+    with ``kv_dtype`` quantized first with the per-KV-head scales (``quantize_kv``)."""
+    if kv_dtype:
+        k, v = quantize_kv(k, k_scale, kv_dtype), quantize_kv(v, v_scale, kv_dtype)
+    for pages, new in ((k_pages, k), (v_pages, v)):
+        flat, new = pages.view(-1, *pages.shape[2:]), new.to(pages.dtype)
+        if pages.element_size() == 1:  # copied as bytes: there is no CPU index_copy_ for float8
+            flat, new = flat.view(torch.uint8), new.view(torch.uint8)
+        flat.index_copy_(0, slot_mapping, new)
 
 
 def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap):
@@ -140,19 +151,23 @@ def gather_pages(pages, block_tables, length):
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, positions, num_heads, head_dim,
-                           scale, causal, sliding_window, softcap):
+                           scale, causal, sliding_window, softcap, k_scale=None, v_scale=None):
     """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched."""
     longest = int(seq_lens.max())
     keys, values = gather_pages(k_pages, block_tables, longest), gather_pages(v_pages, block_tables, longest)
+    if k_scale is not None:  # quantized pages: float32 values before attention
+        keys, values = dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)
     out = attend(q.reshape(len(q), 1, num_heads, head_dim), keys, values, positions[:, None], seq_lens,
                  scale, causal, sliding_window, softcap)
     return out.reshape(len(q), -1)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, block_table, seq_len, positions, num_heads, head_dim,
-                            scale, causal, sliding_window, softcap):
+                            scale, causal, sliding_window, softcap, k_scale=None, v_scale=None):
     """A chunk of one sequence's tokens (``q`` [Tq, H*D]) over its pages (earlier chunks included)."""
     keys, values = gather_pages(k_pages, block_table[None], seq_len), gather_pages(v_pages, block_table[None], seq_len)
+    if k_scale is not None:
+        keys, values = dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)
     lens = torch.tensor([seq_len], device=q.device)
     out = attend(q.reshape(1, len(q), num_heads, head_dim), keys, values, positions[None], lens,
                  scale, causal, sliding_window, softcap)
@@ -160,14 +175,22 @@ def paged_prefill_attention(q, k_pages, v_pages, block_table, seq_len, positions
 
 
 def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, scale, causal,
-                    sliding_window, softcap):
-    """Write this step's k/v into the pages, then decode and prefill attention over them."""
+                    sliding_window, softcap, kv_dtype=None, k_scale=None, v_scale=None):
+    """Write this step's k/v into the pages, then decode and prefill attention over them.
+
+    With ``kv_dtype`` ("int8" / "float8_e4m3fn") the pages hold k/v quantized with static
+    per-KV-head ``k_scale`` / ``v_scale``, dequantized to float32 when read."""
     k = k.reshape(len(k), num_kv_heads, head_dim)
     v = v.reshape(len(v), num_kv_heads, -1)
     k_pages, v_pages = kv.pool.layer(layer, num_kv_heads, head_dim, v.shape[-1])
-    write_kv(k_pages, v_pages, k, v, kv.slot_mapping)
+    if kv_dtype:
+        k_scale = torch.tensor(k_scale, dtype=torch.float32, device=q.device)
+        v_scale = torch.tensor(v_scale, dtype=torch.float32, device=q.device)
+    elif k_pages.element_size() == 1:
+        raise ValueError(f"layer {layer}: the KV pages are {k_pages.dtype} but the graph does not quantize k/v")
+    write_kv(k_pages, v_pages, k, v, kv.slot_mapping, kv_dtype, k_scale, v_scale)
     options = dict(num_heads=num_heads, head_dim=head_dim, scale=scale, causal=causal,
-                   sliding_window=sliding_window, softcap=softcap)
+                   sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     parts = []
     nd = kv.num_decodes
     if nd:

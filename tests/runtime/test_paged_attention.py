@@ -18,14 +18,16 @@ from llmc.runtime.paged_attention import KVPool, PagedStep, paged_attention
 ATOL = 1e-5
 
 
-def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=None, softcap=None):
-    """``seqs``: (cached tokens before the step, new tokens) per sequence, decodes (new == 1) first."""
+def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=None, softcap=None, quant=None):
+    """``seqs``: (cached tokens before the step, new tokens) per sequence, decodes (new == 1) first.
+    ``quant``: the kv_dtype / k_scale / v_scale attrs of a quantized cache (pages of that dtype)."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
-    pool = KVPool(num_blocks, block_size)
+    pool = KVPool(num_blocks, block_size, getattr(torch, quant["kv_dtype"]) if quant else torch.float32)
     order = torch.randperm(num_blocks, generator=g).tolist()   # pages handed out scattered
     attrs = dict(layer=0, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                 scale=head_dim ** -0.5, causal=True, sliding_window=sliding_window, softcap=softcap)
+                 scale=head_dim ** -0.5, causal=True, sliding_window=sliding_window, softcap=softcap,
+                 **(quant or {}))
     tables, expected = [], []
     qs, ks, vs, pos, slots, starts, lens = [], [], [], [], [], [0], []
     for cached, new in seqs:
@@ -44,8 +46,8 @@ def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=N
             # ...and the pool holds the earlier tokens in their pages, as an earlier step left them.
             kp, vp = pool.layer(0, kv_heads, head_dim, head_dim)
             for p in range(cached):
-                kp[table[p // block_size], p % block_size] = k_all[p].view(kv_heads, head_dim)
-                vp[table[p // block_size], p % block_size] = v_all[p].view(kv_heads, head_dim)
+                kp[table[p // block_size], p % block_size] = as_stored(k_all[p].view(kv_heads, head_dim), quant, "k")
+                vp[table[p // block_size], p % block_size] = as_stored(v_all[p].view(kv_heads, head_dim), quant, "v")
         expected.append(functional.attention(q_new, k_all[cached:], v_all[cached:], positions[cached:], ref_kv,
                                              **attrs))
         qs.append(q_new), ks.append(k_all[cached:]), vs.append(v_all[cached:]), pos.append(positions[cached:])
@@ -57,6 +59,11 @@ def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=N
                      torch.tensor(lens), starts, sum(1 for _, n in seqs if n == 1))
     out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(pos), step, **attrs)
     return out, torch.cat(expected)
+
+
+def as_stored(x, quant, which):
+    """What a page holds for ``x`` [kv_heads, D]: ``x``, or ``x`` quantized with the layer's scales."""
+    return functional.quantize_kv(x, quant[f"{which}_scale"], quant["kv_dtype"]) if quant else x
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 16, 4), (6, 3, 8, 5), (3, 1, 12, 16),
@@ -110,3 +117,36 @@ def test_pool_copy_blocks_copies_every_layer():
     for layer in (0, 3):
         assert torch.equal(pool.k[layer][2], pool.k[layer][1]) and torch.equal(pool.v[layer][2], pool.v[layer][1])
     assert KVPool.bytes_per_block(2, {0: (1, 2, 2), 3: (1, 2, 2)}, 4) == 2 * 4 * 2 * (2 + 2)
+
+
+# Scales near max|x| / 127 of the unit-normal test data (some values saturate, as in real use).
+KV_QUANT = dict(k_scale=(0.03, 0.04), v_scale=(0.035, 0.025))
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_quantized_pages_match_the_quantized_contiguous_reference(kv_dtype):
+    """int8 / fp8 pages (written by write_kv, read back dequantized) give what the contiguous
+    reference computes over dequantize(quantize(k)); and not what unquantized attention gives."""
+    seqs = [(0, 1), (6, 1), (17, 1), (0, 9), (5, 7)]
+    out, expected = run_case(3, 4, 2, 8, 4, seqs, quant=dict(KV_QUANT, kv_dtype=kv_dtype))
+    assert (out - expected).abs().max().item() < ATOL
+    plain, _ = run_case(3, 4, 2, 8, 4, seqs)
+    assert (out - plain).abs().max().item() > 1e-4
+
+
+def test_kv_quantization_round_trip_error_and_saturation():
+    x = torch.randn(50, 3, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.5, 1.0, 4.0])[:, None]
+    absmax = x.abs().amax(dim=(0, 2))
+    scale = absmax / 127
+    q = functional.quantize_kv(x, tuple(scale.tolist()), "int8")
+    assert q.dtype == torch.int8 and q.abs().max().item() == 127
+    assert ((functional.dequantize_kv(q, scale) - x).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all()  # half a step
+    scale = absmax / 448
+    q = functional.quantize_kv(x, scale, "float8_e4m3fn")
+    assert q.dtype == torch.float8_e4m3fn
+    err = (functional.dequantize_kv(q, scale) - x).abs()
+    # e4m3: 3 mantissa bits, so rounding is within 2^-4 of the value (2^-10 of the scale below 2^-6).
+    assert (err <= torch.maximum(x.abs() * 2**-4, scale[:, None] * 2**-10) * (1 + 1e-5)).all()
+    big = torch.full((1, 3, 8), 1e4)
+    assert functional.quantize_kv(big, scale, "int8").max().item() == 127
+    assert functional.quantize_kv(-big, scale, "float8_e4m3fn").float().min().item() == -448
