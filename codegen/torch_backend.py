@@ -36,7 +36,13 @@ def _call(fn: str, *attr_names: str) -> Emitter:
 
 
 ATTENTION_ATTRS = ("layer", "num_heads", "num_kv_heads", "head_dim", "scale", "causal", "sliding_window", "softcap",
-                   "kv_dtype", "k_scale", "v_scale")
+                   "kv_dtype", "k_scale", "v_scale", "rope_dim", "rope_interleaved", "rope_scaling")
+
+
+def _attention_args(a: list[str]) -> list[str]:
+    """q, k, v, positions, then ``kv``; the optional inv_freq (rope folded in) by keyword."""
+    return [*a[:4], "kv", *(f"inv_freq={x}" for x in a[4:])]
+
 
 # op name -> emitter; the comment says which reference in llmc/ir/ops.py it reproduces.
 EMITTERS: dict[str, Emitter] = {
@@ -45,8 +51,11 @@ EMITTERS: dict[str, Emitter] = {
     "rms_norm": _call("rms_norm", "eps", "offset"),                                  # helper, same math
     "layer_norm": lambda a, k: f"F.layer_norm({a[0]}, {a[0]}.shape[-1:], {a[1]}, {a[2]}, {k['eps']})",
     "rope": _call("rope", "head_dim", "rotary_dim", "interleaved", "scaling"),       # helper, same math
-    "attention": lambda a, k: _call("attention", *ATTENTION_ATTRS)([*a, "kv"], k),           # helper, same math
-    "paged_attention": lambda a, k: _call("paged_attention", *ATTENTION_ATTRS)([*a, "kv"], k),  # helper, same
+    "attention": lambda a, k: _call("attention", *ATTENTION_ATTRS)(_attention_args(a), k),  # helper, same math
+    "paged_attention": lambda a, k: _call("paged_attention", *ATTENTION_ATTRS)(_attention_args(a), k),  # same
+    "add_rms_norm": _call("add_rms_norm", "eps", "offset"),                          # helper, same math
+    "act_mul": _call("act_mul", "act"),                                              # helper, same math
+    "act_mul_packed": _call("act_mul_packed", "act"),                                # helper, same math
     "select_rows": lambda a, k: f"select_rows({a[0]}, kv)",                           # helper, same
     "add": lambda a, k: f"{a[0]} + {a[1]}",                                           # torch.add
     "mul": lambda a, k: f"{a[0]} * {a[1]}",                                           # torch.mul
@@ -100,12 +109,15 @@ CPU_PREPARE: dict[str, Callable[[list[str], dict[str, Any]], tuple[list[str], st
 TEMPLATE_HELPERS = {
     "rms_norm": (functional.rms_norm,),
     "rope": (functional.rope,),
-    "attention": (functional.quantize_kv, functional.dequantize_kv, functional.attention),
-    "paged_attention": (functional.quantize_kv, functional.dequantize_kv,
+    "attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv, functional.attention),
+    "paged_attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv,
                         paged_attention.write_kv, paged_attention.attend, paged_attention.gather_pages,
                         paged_attention.paged_decode_attention, paged_attention.paged_prefill_attention,
                         paged_attention.paged_attention),
     "select_rows": (paged_attention.select_rows,),
+    "add_rms_norm": (functional.rms_norm, functional.add_rms_norm),
+    "act_mul": (functional.act_mul,),
+    "act_mul_packed": (functional.act_mul, functional.act_mul_packed),
     "linear_int8": (quant.dequantize_int8, quant.linear_int8, quant.linear_int8_cpu),
     "linear_int4": (quant.unpack_int4, quant.dequantize_int4, quant.linear_int4, quant.prepare_int4_cpu,
                     quant.linear_int4_cpu),
@@ -288,8 +300,8 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
         title=f"{arch}: the forward step of the compiled model.",
         llmc_version=llmc.__version__, target_name=target_name, device=device, backend=backend,
         input_names=input_names,
-        helpers=[inspect.getsource(fn).rstrip() for op in sorted(used & set(TEMPLATE_HELPERS))
-                 for fn in TEMPLATE_HELPERS[op]],
+        helpers=list(dict.fromkeys(inspect.getsource(fn).rstrip() for op in sorted(used & set(TEMPLATE_HELPERS))
+                                   for fn in TEMPLATE_HELPERS[op])),  # once each: ops share helpers
         extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
         layer_functions=[_layer_function(k, emitters) for k in kinds], forward_body=forward_body,
         prepare_body=prepare_lines(graph, device),

@@ -7,6 +7,7 @@ explicit (no directory scan) so that what ships is what is reviewed.
 from llmc.passes import canonicalize  # noqa: F401
 from llmc.passes import attention_lowering  # noqa: F401
 from llmc.passes import select_logits  # noqa: F401
+from llmc.passes import fuse  # noqa: F401
 from llmc.passes import gqa_rewrite  # noqa: F401
 from llmc.passes import prune  # noqa: F401
 from llmc.passes import quantize_kv  # noqa: F401

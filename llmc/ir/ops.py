@@ -149,10 +149,22 @@ def _check_kv_quantization(attrs: dict[str, Any]) -> None:
                           f"got {scale!r}")
 
 
-@register_op("attention", ("q", "k", "v", "positions"),
+def _check_rope(types: list[TensorType], attrs: dict[str, Any]) -> None:
+    rd, d = attrs["rope_dim"], attrs["head_dim"]
+    if not rd:
+        if len(types) > 4:
+            raise IRError("attention: an inv_freq input is given but rope_dim is 0")
+        return
+    if not 0 < rd <= d or rd % 2 or len(types) < 5 or types[4].shape != (rd // 2,):
+        raise IRError(f"attention: rope_dim={rd} needs an even rope_dim <= head_dim={d} and an inv_freq "
+                      f"of {rd // 2} values, got {types[4] if len(types) > 4 else 'none'}")
+
+
+@register_op("attention", ("q", "k", "v", "positions", "inv_freq?"),
              {"layer": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0, "scale": 0.0,
               "causal": True, "sliding_window": None, "softcap": None,
-              "kv_dtype": None, "k_scale": None, "v_scale": None}, stateful=True)
+              "kv_dtype": None, "k_scale": None, "v_scale": None,
+              "rope_dim": 0, "rope_interleaved": False, "rope_scaling": 1.0}, stateful=True)
 class Attention:
     """Causal multi-head attention with GQA, over this step's tokens and the layer's KV cache.
 
@@ -160,12 +172,15 @@ class Attention:
     cached keys at positions in ``(p - sliding_window, p]``; ``softcap`` applies
     ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2). ``kv_dtype`` ("int8" or
     "float8_e4m3fn", set by the quantize_kv pass) stores k/v quantized with the static per-KV-head
-    scales ``k_scale`` / ``v_scale`` (tuples of floats), read back dequantized.
+    scales ``k_scale`` / ``v_scale`` (tuples of floats), read back dequantized. ``rope_dim`` > 0
+    (set by the fuse pass) applies ``rope`` to q and k first, with ``inv_freq`` (the 5th input),
+    ``rotary_dim=rope_dim``, ``interleaved=rope_interleaved``, ``scaling=rope_scaling``; 0 means none.
     """
 
     @staticmethod
     def infer(types, attrs):
         _check_kv_quantization(attrs)
+        _check_rope(types, attrs)
         q, k, v = types[:3]
         h, kvh, d = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
         if h <= 0 or kvh <= 0 or h % kvh:
@@ -178,10 +193,10 @@ class Attention:
 
     @staticmethod
     def reference(ctx, inputs, attrs):
-        return functional.attention(*inputs, ctx.kv, **attrs)
+        return functional.attention(*inputs[:4], ctx.kv, inv_freq=inputs[4] if len(inputs) > 4 else None, **attrs)
 
 
-@register_op("paged_attention", ("q", "k", "v", "positions"), dict(Attention.attrs), stateful=True)
+@register_op("paged_attention", ("q", "k", "v", "positions", "inv_freq?"), dict(Attention.attrs), stateful=True)
 class PagedAttention:
     """``attention`` over the paged KV cache (after the attention_lowering pass): the step's tokens
     of many sequences, k/v written to their slots, decodes batched, prefill chunks per sequence.
@@ -194,7 +209,8 @@ class PagedAttention:
 
     @staticmethod
     def reference(ctx, inputs, attrs):
-        return paged_attention.paged_attention(*inputs, ctx.kv, **attrs)
+        return paged_attention.paged_attention(*inputs[:4], ctx.kv, inv_freq=inputs[4] if len(inputs) > 4 else None,
+                                               **attrs)
 
 
 @register_op("select_rows", ("x",), {}, stateful=True)

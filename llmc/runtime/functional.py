@@ -36,14 +36,19 @@ def rope(x, positions, inv_freq, head_dim, rotary_dim, interleaved, scaling):
 
 
 def attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, scale, causal,
-              sliding_window, softcap, kv_dtype=None, k_scale=None, v_scale=None):
+              sliding_window, softcap, kv_dtype=None, k_scale=None, v_scale=None,
+              inv_freq=None, rope_dim=0, rope_interleaved=False, rope_scaling=1.0):
     """Multi-head attention with GQA over this step's tokens and the layer's cached keys/values.
 
     Query at position p attends to cached keys at positions in ``(p - sliding_window, p]``;
     ``softcap`` applies ``softcap * tanh(scores / softcap)`` before the softmax (Gemma 2).
     With ``kv_dtype`` the cache keeps what a quantized page holds (``quantize_kv`` then
     ``dequantize_kv`` with the per-KV-head scales), so this matches the paged runtime.
+    ``rope_dim`` > 0 applies ``rope`` to q and k first (rotary folded in by the fuse pass).
     """
+    if rope_dim:
+        q = rope(q, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling)
+        k = rope(k, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling)
     k = k.reshape(len(k), num_kv_heads, head_dim)
     v = v.reshape(len(v), num_kv_heads, -1)
     if kv_dtype:
@@ -83,3 +88,25 @@ def quantize_kv(x, scale, kv_dtype):
 def dequantize_kv(x, scale):
     """Quantized K or V [..., kv_heads, D] -> float32 values (``x * scale`` per KV head)."""
     return x.float() * torch.as_tensor(scale, dtype=torch.float32, device=x.device)[:, None]
+
+
+def add_rms_norm(x, residual, weight, eps, offset):
+    """``s = x + residual`` and ``rms_norm(s)`` in one call, packed ``[T, 2H]``: normed | s."""
+    h = x.shape[1]
+    out = torch.empty(x.shape[0], 2 * h, dtype=x.dtype, device=x.device)
+    summed = torch.add(x, residual, out=out[:, h:])
+    out[:, :h] = rms_norm(summed, weight, eps, offset)
+    return out
+
+
+def act_mul(gate, up, act):
+    """``act(gate) * up`` (gated MLP), ``act`` one of silu, gelu, gelu_tanh, relu."""
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(gate, approximate="tanh") * up
+    return getattr(torch.nn.functional, act)(gate) * up
+
+
+def act_mul_packed(gate_up, act):
+    """``act_mul`` of the two halves of a fused gate|up projection ``[T, 2I]`` (vLLM's silu_and_mul)."""
+    half = gate_up.shape[1] // 2
+    return act_mul(gate_up[:, :half], gate_up[:, half:], act)

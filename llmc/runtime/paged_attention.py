@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import dequantize_kv, quantize_kv
+from .functional import dequantize_kv, quantize_kv, rope
 
 
 class KVPool:
@@ -175,11 +175,16 @@ def paged_prefill_attention(q, k_pages, v_pages, block_table, seq_len, positions
 
 
 def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head_dim, scale, causal,
-                    sliding_window, softcap, kv_dtype=None, k_scale=None, v_scale=None):
+                    sliding_window, softcap, kv_dtype=None, k_scale=None, v_scale=None,
+                    inv_freq=None, rope_dim=0, rope_interleaved=False, rope_scaling=1.0):
     """Write this step's k/v into the pages, then decode and prefill attention over them.
 
     With ``kv_dtype`` ("int8" / "float8_e4m3fn") the pages hold k/v quantized with static
-    per-KV-head ``k_scale`` / ``v_scale``, dequantized to float32 when read."""
+    per-KV-head ``k_scale`` / ``v_scale``, dequantized to float32 when read. ``rope_dim`` > 0
+    applies ``rope`` to q and k first, so the pages hold rotated keys (as when rope is its own op)."""
+    if rope_dim:
+        q = rope(q, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling)
+        k = rope(k, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling)
     k = k.reshape(len(k), num_kv_heads, head_dim)
     v = v.reshape(len(v), num_kv_heads, -1)
     k_pages, v_pages = kv.pool.layer(layer, num_kv_heads, head_dim, v.shape[-1])
