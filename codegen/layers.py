@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from llmc.ir import Graph, Node
 
 LAYER_ATTR = "layer"  # the attr that carries the layer number (attention's KV cache slot)
+# Attrs whose values are per-layer data rather than code (quantize_kv's per-head scales): layers
+# differing only in them are one kind, and the function reads them from a table by layer number.
+TABLE_ATTRS = ("k_scale", "v_scale")
 
 
 class LayerNumber:
@@ -27,6 +30,16 @@ class LayerNumber:
 
 
 LAYER = LayerNumber()
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Marks "this layer's value of ``attr``" (renders as ``LAYER_ATTRS[attr][layer]``)."""
+
+    attr: str
+
+    def __repr__(self) -> str:
+        return f"table:{self.attr}"
 
 
 @dataclass
@@ -51,7 +64,21 @@ class LayerRun:
         return ("shared", name)
 
     def attr(self, key: str, value):
-        return LAYER if key == LAYER_ATTR and value == self.index else value
+        if key == LAYER_ATTR and value == self.index:
+            return LAYER
+        if key in TABLE_ATTRS and value is not None and self.table_ok:
+            return LayerTable(key)
+        return value
+
+    @property
+    def table_ok(self) -> bool:
+        """Whether table attrs can be looked up by layer number: at most one node per attr here."""
+        seen = [k for n in self.nodes for k, v in n.attrs if k in TABLE_ATTRS and v is not None]
+        return len(seen) == len(set(seen))
+
+    def table_values(self) -> dict[str, object]:
+        return {k: v for n in self.nodes for k, v in n.attrs if k in TABLE_ATTRS and v is not None} \
+            if self.table_ok else {}
 
     def signature(self) -> str:
         local = {n.ref: i for i, n in enumerate(self.nodes)}

@@ -24,7 +24,7 @@ from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
 from llmc.runtime import functional, paged_attention, quant
 
-from .layers import LayerKind, LayerNumber, LayerRun, find_layer_kinds
+from .layers import LayerKind, LayerNumber, LayerRun, LayerTable, find_layer_kinds
 
 # (argument expressions, attrs) -> Python expression. ``attrs`` values are already Python literals.
 Emitter = Callable[[list[str], dict[str, str]], str]
@@ -86,11 +86,12 @@ def prepared(expr: str, suffix: str) -> str:
     return f'{expr[:-2]}:{suffix}"]'
 
 
-# device cpu: int8 and int4 run ATen's weight-only kernels (bfloat16 activations inside; 3-4x the
-# float32 GEMV speed at batch 1 on the dev machine); fp8 and 2:4 have no CPU kernel, so their
+# device cpu: int8, int4 and w8a8 run ATen's weight-only kernels (bfloat16 activations inside; 3-5x
+# the float32 GEMV speed at batch 1 on the dev machine); fp8 and 2:4 have no CPU kernel, so their
 # weights are expanded to float32 once at load (``prepare_weights``) and run as plain linears.
 CPU_EMITTERS: dict[str, Emitter] = {
     "linear_int8": lambda a, k: f"linear_int8_cpu({', '.join(a)})",
+    "linear_w8a8": lambda a, k: f"linear_w8a8_cpu({', '.join(a)})",
     "linear_int4": lambda a, k: f"linear_int4_cpu({a[0]}, {prepared(a[1], 'int4pack')}, "
                                 f"{prepared(a[1], 'scales_and_zeros')}, {a[4] if len(a) > 4 else None}, "
                                 f"group_size={k['group_size']})",
@@ -122,12 +123,12 @@ TEMPLATE_HELPERS = {
     "linear_int4": (quant.unpack_int4, quant.dequantize_int4, quant.linear_int4, quant.prepare_int4_cpu,
                     quant.linear_int4_cpu),
     "linear_fp8": (quant.dequantize_fp8, quant.linear_fp8),
-    "linear_w8a8": (quant.quantize_per_token_int8, quant.linear_w8a8),
+    "linear_w8a8": (quant.quantize_per_token_int8, quant.linear_w8a8, quant.linear_w8a8_cpu),
     "linear_24": (quant.decompress_24, quant.linear_24),
 }
 # Helper source for ops registered by plugins: op name -> a Python function definition.
 PLUGIN_HELPERS: dict[str, str] = {}
-RESERVED = {"forward", "w", "kv", "layer", "math", "torch", "F"} | {
+RESERVED = {"forward", "prepare_weights", "w", "kv", "layer", "math", "torch", "F", "LAYER_ATTRS"} | {
     fn.__name__ for fns in TEMPLATE_HELPERS.values() for fn in fns}
 
 
@@ -145,6 +146,8 @@ def literal(value: Any) -> str:
     """A Python expression for an attr value that reads back as the same value."""
     if isinstance(value, LayerNumber):
         return "layer"
+    if isinstance(value, LayerTable):
+        return f"LAYER_ATTRS[{value.attr!r}][layer]"
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else f"float({str(value)!r})"
     if value is None or isinstance(value, (bool, int, str)):
@@ -256,6 +259,17 @@ def _layer_function(kind: LayerKind, emitters: dict[str, Emitter]) -> LayerFunct
                          body, [value_name(r) for r in run.outputs])
 
 
+def _layer_tables(kinds: list[LayerKind]) -> list[tuple[str, str]]:
+    """(attr, ``{layer: value, ...}`` literal) of the per-layer attr tables layer functions read."""
+    tables: dict[str, dict[int, Any]] = {}
+    for kind in kinds:
+        for run in kind.runs:
+            for key, value in run.table_values().items():
+                tables.setdefault(key, {})[run.index] = value
+    return [(key, "{" + ", ".join(f"{i}: {literal(v)}" for i, v in sorted(t.items())) + "}")
+            for key, t in sorted(tables.items())]
+
+
 def _layer_call(kind: LayerKind, run: LayerRun) -> str:
     args = ["w", str(run.index), "kv", *(value_name(r) for r in run.inputs)]
     targets = ", ".join(value_name(r) for r in run.outputs)
@@ -304,5 +318,6 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
                                    for fn in TEMPLATE_HELPERS[op])),  # once each: ops share helpers
         extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
         layer_functions=[_layer_function(k, emitters) for k in kinds], forward_body=forward_body,
+        layer_tables=_layer_tables(kinds),
         prepare_body=prepare_lines(graph, device),
         outputs=[(name, scope.expr(ref)) for name, ref in graph.outputs])

@@ -53,8 +53,10 @@ def test_dump_ir_and_set_override(tiny, tmp_path):
     result = compile_cli(str(tiny), "-t", "cpu", "-o", str(tmp_path / "pkg"), "--dump-ir", str(tmp_path / "ir"),
                          "--set", "canonicalize.fold_scales=false", "--set", "runtime.kv_page_size=32")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["00-input.ir", "01-canonicalize.ir", "02-fuse.ir",
-                                                                   "03-attention_lowering.ir", "04-select_logits.ir"]
+    passes = ["canonicalize", "gqa_rewrite", "quantize_kv", "fuse", "prune", "quantize", "attention_lowering",
+              "select_logits"]
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == [
+        "00-input.ir", *(f"{i:02d}-{name}.ir" for i, name in enumerate(passes, 1))]
     plan = json.loads((tmp_path / "pkg" / "plan.json").read_text())
     assert plan["target"]["runtime"]["kv_page_size"] == 32
     assert plan["target"]["pipeline"][0]["options"] == {"fold_scales": False}

@@ -180,7 +180,7 @@ def test_bad_override_names_the_key_path_and_the_fix(override, expected):
     ("runtime", r"expected KEY=VALUE"),
     ("canonicalize=1", r"name an option, as canonicalize\.<option>=<value>"),
     ("runtime.kv_page_size.x=1", r"cannot set 'x' in runtime\.kv_page_size, which holds 16"),
-    ("pipeline.5.options.x=1", r"cannot set 5 in pipeline"),
+    ("pipeline.42.options.x=1", r"cannot set 42 in pipeline"),
     ("runtime.kv_page_size=[1", r"not valid YAML"),
 ])
 def test_malformed_override_is_rejected(override, expected):
