@@ -253,6 +253,8 @@ Python package `{name}` (`{name}.load().generate([1, 2, 3], 8)`) with a `{name}`
 - `model.py`: the generated forward step, one line per IR node (llmc's IR text is in `plan.json`)
 - `weights/model.safetensors`: the weights ({mib:.1f} MiB), named by IR param name
 - `plan.json`: target, passes, model facts and the IR
+- `report.json`: bytes per param group before/after the passes, KV bytes per token, and the measured
+  quality cost of lossy passes (quantize, prune, gqa_rewrite)
 - `runtime/`: engine, KV cache, sampler, tokenizer, CLI
 
 ## Passes applied
