@@ -193,7 +193,12 @@ def _read_header(file: Path) -> list[TensorInfo]:
                 f"{file}: truncated ({size} bytes); a safetensors file starts with an 8-byte header length"
             )
         (n,) = struct.unpack("<Q", prefix)
-        if n > _MAX_HEADER_BYTES or 8 + n > size:
+        if n > _MAX_HEADER_BYTES:  # checked before reading, so a hostile length allocates nothing
+            raise CheckpointError(
+                f"{file}: header length {n} is impossible: it exceeds the {_MAX_HEADER_BYTES}-byte limit of "
+                "safetensors; the file is corrupt or not safetensors"
+            )
+        if 8 + n > size:
             raise CheckpointError(
                 f"{file}: header length {n} is impossible for a {size}-byte file; "
                 "the file is truncated or not safetensors"
@@ -211,7 +216,37 @@ def _read_header(file: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         infos.append(_tensor_info(file, name, entry, data_size))
+    _check_data_layout(file, {i.name: header[i.name]["data_offsets"] for i in infos}, data_size)
+    try:  # the library's own checks too, so a load can never fail later on a header we accepted
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: the safetensors library rejects the file: {e}") from e
     return infos
+
+
+def _check_data_layout(file: Path, offsets: dict[str, list[int]], data_size: int) -> None:
+    """Tensors must tile the data bytes exactly, as the safetensors format requires: no overlap
+    (two tensors sharing bytes), no hole and no trailing bytes (data no tensor accounts for)."""
+    end, previous = 0, None
+    for name, (begin, stop) in sorted(offsets.items(), key=lambda item: tuple(item[1])):
+        if begin < end:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} (data_offsets [{begin}, {stop}]) overlaps tensor {previous!r}, "
+                f"which ends at byte {end}; the file is corrupt"
+            )
+        if begin > end:
+            after = f"after tensor {previous!r} " if previous else ""
+            raise CheckpointError(
+                f"{file}: {begin - end} data bytes {after}before tensor {name!r} belong to no tensor; "
+                "the file is corrupt"
+            )
+        end, previous = stop, name
+    if end != data_size:
+        raise CheckpointError(
+            f"{file}: {data_size - end} trailing data bytes after the last tensor belong to no tensor; "
+            "the file is corrupt"
+        )
 
 
 def _tensor_info(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:

@@ -52,7 +52,8 @@ def _tied_groups(model: torch.nn.Module) -> dict[str, list[str]]:
 
 
 def build_hf_model(ckpt: Checkpoint, config, dtype: torch.dtype) -> torch.nn.Module:
-    """Instantiate the HF module and fill it from the checkpoint, checking every tensor's shape."""
+    """Instantiate the HF module and fill it from the checkpoint, checking every tensor's shape, kind
+    of dtype (float or integer) and, once loaded, that it holds no NaN or Inf."""
     import transformers
 
     try:
@@ -68,12 +69,37 @@ def build_hf_model(ckpt: Checkpoint, config, dtype: torch.dtype) -> torch.nn.Mod
         raise CheckpointError(f"{ckpt.path}: checkpoint lacks {len(missing)} tensor(s) the config implies, "
                               f"e.g. {', '.join(missing[:5])}")
     model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+    skeleton_state = skeleton.state_dict()
     state = {}
     for name in expected:
         source = name if name in ckpt else next(a for a in groups[name] if a in ckpt)
+        _check_dtype_kind(ckpt, source, skeleton_state[name])
         state[name] = ckpt.load(source).to(dtype)
+        _check_finite(ckpt, source, state[name])
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _check_dtype_kind(ckpt: Checkpoint, key: str, like: torch.Tensor) -> None:
+    """A float parameter stored as integers (or the reverse) would be cast silently into garbage."""
+    info = ckpt.info(key)
+    if info.dtype.is_floating_point != like.is_floating_point():
+        kind = "floating-point" if like.is_floating_point() else "integer"
+        raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, but the model built from "
+                              f"config.json expects a {kind} tensor there; the checkpoint does not match its config")
+
+
+def _check_finite(ckpt: Checkpoint, key: str, value: torch.Tensor) -> None:
+    """NaN or Inf in a weight poisons every logit (and every quantization scale), so refuse it at import."""
+    if not value.is_floating_point():
+        return
+    bad = ~torch.isfinite(value)
+    if bad.any():
+        nan = int(value.isnan().sum())
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"{ckpt.info(key).file}: tensor {key!r} holds {nan} NaN and {int(bad.sum()) - nan} "
+                              f"infinite value(s) as {value.dtype} (first at index {first}); llmc refuses "
+                              "non-finite weights")
 
 
 def probe_length(config) -> int:
