@@ -314,6 +314,8 @@ def compile_(
     if report:
         _print_compile_report(result.compile_report)
     _field("run it", f"python {result.out_dir} generate --prompt \"...\" --max-tokens 32")
+    for warning in result.compile_report.get("warnings", []):  # e.g. quality.max_kl exceeded, on_exceed=warn
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def _print_compile_report(report: dict) -> None:

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from llmc.ir import Graph
 
-# on_event(stage, detail): stage is "load", "pass", "quality", "codegen" or "done"; detail says what happens.
+# on_event(stage, detail): stage is "load", "pass", "quality", "warning", "codegen" or "done"; detail says what.
 EventFn = Callable[[str, str], None]
 
 
@@ -33,13 +33,44 @@ class CompileResult:
         return self.weight_bytes / self.target.memory_bandwidth_bytes_per_s
 
 
+def check_quality_bound(report: dict, target, source: str, steps: Sequence[tuple]) -> list[str]:
+    """Compare the measured mean KL with ``target.quality.max_kl``: raise a PipelineError over the bound
+    (``on_exceed: error``), else return the warnings to record in report.json."""
+    from llmc.errors import PipelineError
+
+    bound, lossy = target.quality, report["lossy_passes"]
+    if bound.max_kl is None or not lossy:
+        return []
+    passes = ", ".join(f"{info.name}({_changed_options(options)})" for info, options in steps if info.name in lossy)
+    quality = report["quality"]
+    if quality is None:
+        problem = (f"quality.max_kl={bound.max_kl:g} of target {target.name} ({source}) cannot be checked: "
+                   f"--quality-tokens 0 skipped the measurement after lossy passes {passes}")
+    elif not quality["kl"] <= bound.max_kl:  # written so that a NaN KL fails too
+        problem = (f"mean KL(unoptimized || compiled) {quality['kl']:.6g} over {quality['tokens']} scored tokens "
+                   f"exceeds quality.max_kl={bound.max_kl:g} of target {target.name} ({source}); "
+                   f"lossy passes: {passes}")
+    else:
+        return []
+    if bound.on_exceed == "error":
+        raise PipelineError(f"{problem}. Relax the bound, choose gentler pass options, or set "
+                            "quality.on_exceed=warn to compile anyway")
+    return [problem]
+
+
+def _changed_options(options) -> str:
+    """A pass's options that differ from their defaults, e.g. ``scheme='int4', group_size=32``."""
+    return ", ".join(f"{k}={v!r}" for k, v in options.model_dump(exclude_defaults=True).items())
+
+
 def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, *,
                   overrides: Sequence[str] = (), dump_ir: str | Path | None = None,
                   on_event: EventFn | None = None, quality_tokens: int | None = None) -> CompileResult:
     """Compile ``model_dir`` for ``target_name`` into ``out_dir``; every error is an LlmcError.
 
     After a lossy pass (quantize, prune, gqa_rewrite) the compiled graph is scored against the
-    imported one on ``quality_tokens`` held-out tokens (default ``quality.DEFAULT_TOKENS``; 0 skips)."""
+    imported one on ``quality_tokens`` held-out tokens (default ``quality.DEFAULT_TOKENS``; 0 skips), and
+    the mean KL is held to the target's ``quality.max_kl`` when set (``check_quality_bound``)."""
     from llmc.quality import DEFAULT_TOKENS, compile_report
     from llmc.codegen import emit_package
     from llmc.frontend.hf import load_hf
@@ -68,6 +99,11 @@ def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, 
     sizes = compile_report(imported.graph, report.graph, report.records,
                            quality_tokens=DEFAULT_TOKENS if quality_tokens is None else quality_tokens)
     seconds["quality"] = time.perf_counter() - start
+    warnings = check_quality_bound(sizes, target, source, steps)
+    if warnings:
+        sizes["warnings"] = warnings
+        for warning in warnings:
+            notify("warning", warning)
 
     notify("codegen", f"writing {out_dir} ({target.backend} backend)")
     start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 A target says what the hardware is (device, backend, memory, bandwidth, peak FLOP/s per dtype),
 which passes to run in which order (``pipeline``) and the runtime defaults (page size, batch
-limits, shape buckets). ``load_target("h100")`` reads a built-in target, ``load_target(path)`` a
+limits, shape buckets), and optionally how much the lossy passes may cost (``quality.max_kl``,
+off unless set). ``load_target("h100")`` reads a built-in target, ``load_target(path)`` a
 file; ``--set``-style overrides (``runtime.kv_page_size=32``, ``canonicalize.fold_scales=false``)
 apply on top. Errors name the file, the key path and the closest valid name. Pass names and pass
 options are checked by ``llmc.pipeline.validate_pipeline``, which owns the pass registry.
@@ -76,6 +77,16 @@ class RuntimeDefaults(_Strict):
         return self
 
 
+class QualityBound(_Strict):
+    """How much a lossy pass (quantize, prune, gqa_rewrite, quantize_kv) may cost, checked against
+    the compile-time quality measurement (``llmc/quality.py``) before the package is written."""
+
+    max_kl: float | None = Field(None, ge=0, description="Largest mean KL(unoptimized || compiled) "
+                                                         "accepted after a lossy pass; null = no bound.")
+    on_exceed: Literal["error", "warn"] = Field("error", description="Over the bound: fail the compile, or "
+                                                                     "record a warning in report.json.")
+
+
 class Target(_Strict):
     """A hardware target: capabilities, the pass pipeline, and runtime defaults."""
 
@@ -93,6 +104,8 @@ class Target(_Strict):
     sm_count: PositiveInt | None = Field(None, description="Streaming multiprocessors (cuda).")
     pipeline: list[PassSpec] = Field(description="Passes to run, in order.")
     runtime: RuntimeDefaults
+    quality: QualityBound = Field(default_factory=QualityBound,
+                                  description="Quality bound on lossy passes, e.g. --set quality.max_kl=0.01.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Target:
