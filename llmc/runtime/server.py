@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError, EngineStepError, Observer, QueueFullError, RequestStream
@@ -52,6 +53,8 @@ MAX_LOGPROBS = 20         # top alternatives per token (OpenAI allows 5 for comp
 OPEN_PATHS = {"/health"}  # reachable without the API key (load balancers probe it)
 RETRY_AFTER_SECONDS = 1
 LOGPROB_FLOOR = -9999.0   # -inf is not JSON; OpenAI and vLLM clamp the same way
+SAMPLING_EPS = 1e-5       # smaller temperature, top_p, repetition_penalty overflow the sampler's float32 math
+MAX_ERROR_CHARS = 512     # of an error message (param: a quarter); messages quote request values of any size
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -71,7 +74,11 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
                    type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    def clip(text: str | None, limit: int) -> str | None:
+        return text if text is None or len(text) <= limit else text[:limit] + "..."
+
+    body = {"error": {"message": clip(message, MAX_ERROR_CHARS), "type": type,
+                      "param": clip(param, MAX_ERROR_CHARS // 4), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -294,9 +301,13 @@ class Served:
 
     @staticmethod
     def sampling_params(body: _GenerationRequest, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+        # Below SAMPLING_EPS: temperature is greedy (its limit), top_p keeps the top token either way, and a
+        # repetition penalty lets seen tokens win either way; the values themselves would make NaNs (a 500).
+        temperature = body.temperature if body.temperature >= SAMPLING_EPS else 0.0
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-            min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            max_tokens=max_tokens, temperature=temperature, top_k=max(body.top_k, 0),
+            top_p=max(body.top_p, SAMPLING_EPS), min_p=body.min_p,
+            repetition_penalty=max(body.repetition_penalty, SAMPLING_EPS), presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=None if body.seed is None else (body.seed + choice) % 2**64,  # OpenAI seeds may be negative
             stop=tuple(body.stop), stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
@@ -621,8 +632,10 @@ async def read_request(request: Request, model: type[BaseModel], limit: int) -> 
         if len(body) > limit:
             raise ApiError(f"request body exceeds the limit of {limit} bytes", status=413)
     try:
-        data = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError and undecodable bytes
+        # pydantic's parser, not json.loads: it refuses lone surrogates (the tokenizer raises on them) and
+        # nesting past 200 levels (json.loads raises RecursionError)
+        data = from_json(body)
+    except ValueError as exc:  # malformed JSON and undecodable bytes
         raise ApiError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
