@@ -51,6 +51,9 @@ def _as_tuple(value, field: str) -> tuple:
     return tuple(value)
 
 
+SAMPLING_EPS = 1e-5  # the smallest temperature / top_p / repetition_penalty the float32 math takes as given
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its tokens and when it ends.
@@ -102,6 +105,12 @@ class SamplingParams:
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
+        # Valid but tiny values (5e-324) overflow float32 scores to inf/NaN: below SAMPLING_EPS a
+        # temperature is greedy and top_p / repetition_penalty act as SAMPLING_EPS (same tokens).
+        if self.temperature < SAMPLING_EPS:
+            object.__setattr__(self, "temperature", 0.0)
+        for name in ("top_p", "repetition_penalty"):
+            object.__setattr__(self, name, max(getattr(self, name), SAMPLING_EPS))
 
     @property
     def greedy(self) -> bool:

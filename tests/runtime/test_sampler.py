@@ -220,3 +220,16 @@ NAN, INF = float("nan"), float("inf")
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(SamplingError, match=f"^{field} must be"):
         SamplingParams(**{field: value})
+
+
+def test_tiny_sampling_values_do_not_overflow_float32():
+    """5e-324 is a valid temperature / top_p / penalty, but dividing float32 scores by it gives inf
+    and NaN; such values act as greedy / SAMPLING_EPS, and sampling still returns a real token."""
+    from llmc.runtime.sampler import SAMPLING_EPS
+
+    params = SamplingParams(temperature=5e-324, top_p=5e-324, repetition_penalty=5e-324)
+    assert params.greedy and params.top_p == SAMPLING_EPS and params.repetition_penalty == SAMPLING_EPS
+    tiny_but_sampled = SamplingParams(temperature=2e-5, top_p=5e-324, seed=0)
+    logits = torch.randn(2, 50)
+    results = sample(logits, [SequenceSampler(params, [1, 2]), SequenceSampler(tiny_but_sampled, [3])])
+    assert all(0 <= r.token_id < 50 for r in results)
