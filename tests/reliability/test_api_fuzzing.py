@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from collections import Counter
 from typing import Any, NamedTuple
 
@@ -96,10 +95,7 @@ def fuzz_document(app, model_name: str) -> dict:
 @pytest.fixture(scope="module")
 def fuzz_server(reliability_package):
     server = InProcessServer(create_app(load_engine(reliability_package, max_model_len=MAX_MODEL_LEN)))
-    # asyncio sets TCP_NODELAY only on sockets made with proto IPPROTO_TCP, and socket.socket() has proto 0:
-    # without it each keep-alive answer waits ~40 ms for a delayed ACK (Nagle): most of a minute over this file.
-    server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
-    with server:
+    with server:  # (TCP_NODELAY set by InProcessServer: keep-alive answers are not held back by Nagle)
         yield server
 
 

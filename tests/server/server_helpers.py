@@ -59,6 +59,9 @@ class InProcessServer:
         import uvicorn
 
         self.socket = socket.socket()
+        # asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP (this one has 0);
+        # without it Nagle's algorithm delays each keep-alive response ~40 ms. Accepted sockets inherit it.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         self.app = app
