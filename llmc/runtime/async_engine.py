@@ -170,7 +170,7 @@ class AsyncEngine:
         """Abort what is still running and stop the engine thread (server shutdown)."""
         if self._thread is None:
             return
-        for stream in set(self._streams.values()):
+        for stream in {id(s): s for s in self._streams.values()}.values():  # streams are unhashable dataclasses
             stream.queue.put_nowait(EngineDeadError("the server is shutting down"))
         self.abort(list(self._streams))
         self._commands.put(("stop",))

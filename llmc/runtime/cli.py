@@ -200,6 +200,9 @@ def serve(args, package_dir: Path) -> int:
 
     from .engine import EngineConfig, LLMEngine
 
+    if args.api_key is not None and not args.api_key.strip():
+        # Most likely --api-key "$KEY" with KEY unset: serving without a key is not what was asked.
+        raise PackageError("--api-key is empty; give the key, or leave the flag out to serve without one")
     try:
         from .server import serve as run_server  # fastapi/uvicorn/prometheus-client: needed only to serve
     except ImportError as exc:

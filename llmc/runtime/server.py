@@ -22,6 +22,17 @@ API decisions (the README's server section says the same to users):
   ``stop_token_ids``, ``priority`` (lower runs first, as in vLLM).
 - Backpressure: at most ``max_num_seqs + max_queue`` engine requests in flight; beyond, 429 with
   ``Retry-After``. A client that disconnects has its requests aborted and their KV pages freed.
+- Limits per request, each a 4xx naming the limit: the body at most ``max_request_bytes`` (1 MiB; 413);
+  ``n`` x prompts at most ``MAX_CHOICES`` (64) and the server's capacity; ``logprobs`` /
+  ``top_logprobs`` at most ``MAX_LOGPROBS`` (20); at most 16 ``stop`` strings of at most
+  ``MAX_STOP_CHARS`` (256) characters; at most 64 ``stop_token_ids``; prompt + ``max_tokens`` within
+  the context (the prompt alone must leave room for one token).
+- Security defaults: ``serve`` binds 127.0.0.1; with an API key every route but ``/health`` answers 401
+  without it (unknown paths too, so the key also hides which routes exist). There is no ``/docs``,
+  ``/redoc`` or ``/openapi.json``: the API is OpenAI's and documented there, and a schema route
+  would be one more surface to guard.
+- SIGTERM: stop accepting, let in-flight requests finish for up to ``drain_timeout`` s, then end the
+  rest with an error their clients can read (a 503, or an error event and ``[DONE]``) and exit 0.
 """
 
 from __future__ import annotations
@@ -50,11 +61,13 @@ from .tokenizer import TokenizerError
 
 MAX_CHOICES = 64          # n x prompts of one request
 MAX_LOGPROBS = 20         # top alternatives per token (OpenAI allows 5 for completions, 20 for chat)
+MAX_STOP_CHARS = 256      # per stop string: the engine thread matches stop strings against every new token
 OPEN_PATHS = {"/health"}  # reachable without the API key (load balancers probe it)
 RETRY_AFTER_SECONDS = 1
 LOGPROB_FLOOR = -9999.0   # -inf is not JSON; OpenAI and vLLM clamp the same way
 SAMPLING_EPS = 1e-5       # smaller temperature, top_p, repetition_penalty overflow the sampler's float32 math
 MAX_ERROR_CHARS = 512     # of an error message (param: a quarter); messages quote request values of any size
+DRAIN_GRACE_SECONDS = 5   # after the drain deadline, for the error answers to reach their clients
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -151,6 +164,8 @@ class _GenerationRequest(_Strict):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
         return value
 
 
@@ -755,8 +770,23 @@ def serve(engine: Any, *, host: str = "127.0.0.1", port: int = 8000, api_key: st
                      max_request_bytes=max_request_bytes)
     served = app.state.served
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=drain_timeout)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=drain_timeout + DRAIN_GRACE_SECONDS)
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # At the drain deadline, end what still runs with an error its client can read (a 503, or an
+            # error event and [DONE]); uvicorn's own deadline, a grace later, would just cut connections.
+            async def end_in_flight() -> None:
+                await asyncio.sleep(drain_timeout)
+                await served.async_engine.stop()
+
+            deadline = asyncio.ensure_future(end_in_flight())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
+    server = DrainingServer(config)
     url_host = f"[{host}]" if ":" in host else host
     print(engine.kv_report(), flush=True)
     print(f"serving {served.model_name!r} at http://{url_host}:{port}/v1 (OpenAI API; /health, /metrics)"
