@@ -136,6 +136,10 @@ def add_serve_parser(commands) -> None:
                         help="Token budget of one step (prefill chunks + decodes) [the target's default].")
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="Do not reuse the KV pages of prompt prefixes seen before.")
+    engine.add_argument("--threads", type=_count(1), default=None,
+                        help="CPU threads torch computes with [torch's default: one per core]. On a "
+                             "machine shared with other busy processes, 1 avoids threads waiting on "
+                             "each other (decode measured 10-17x faster on a loaded 2-core machine).")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -147,8 +151,6 @@ def parse_ids(text: str) -> list[int]:
             raise PackageError(f"--tokens: {piece.strip()!r} is not an integer; write ids separated by "
                                "commas, e.g. --tokens 1,2,3") from None
     return ids
-
-
 
 
 def generate(args, package_dir: Path) -> None:
@@ -208,6 +210,10 @@ def serve(args, package_dir: Path) -> int:
     except ImportError as exc:
         raise PackageError(f"serving needs fastapi, uvicorn and prometheus-client ({exc}); "
                            "pip install fastapi uvicorn prometheus-client") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = EngineConfig(kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching)

@@ -42,9 +42,10 @@ CHECKED_SHARE = 0.75  # the rest: unseeded sampling over fresh prompts, checked 
 # allocator noise and still catches a leak of 6 KiB per request at the full count (1,500 requests
 # from the end of the first quarter to the end of the last), 28 KiB at CI's (300).
 RSS_GROWTH_BOUND_MIB = 8
-# One torch thread in the server: the machine's 2 cores also run the 16 clients, and torch's intra-op
-# pool spinning against them (and other work) made decode steps ~15x slower (11 ms -> 120-170 ms).
-SERVER_ENV = {"OMP_NUM_THREADS": "1"}
+# One torch thread in the server (serve --threads 1): the machine's 2 cores also run the 16 clients,
+# and torch's intra-op pool spinning against them (and other work) made decode steps ~15x slower
+# (11 ms -> 120-170 ms).
+SERVER_THREADS = ("--threads", "1")
 
 PREAMBLE = "You are a terse assistant; answer in one line.\n"  # 47 chars: shared full pages of 16 tokens
 ALPHABET = "abcdefghijklmnopqrstuvwxyz     ,.?"
@@ -164,14 +165,14 @@ class ServerProcess:
 
     def __init__(self, package: Path, log: Path, *args: str) -> None:
         self.url = ""
-        self.command = [sys.executable, str(package), "serve", "--port", str(free_port()), *args]
+        self.command = [sys.executable, str(package), "serve", "--port", str(free_port()), *SERVER_THREADS, *args]
         self.log_path = log
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "ServerProcess":
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **SERVER_ENV})
+                                        env=dict(os.environ))
         self.url = f"http://127.0.0.1:{self.command[self.command.index('--port') + 1]}"
         try:
             wait_healthy(self.url, deadline_s=120)  # two cores shared with other work: torch imports slowly
