@@ -1,4 +1,6 @@
-"""The package's OpenAI-compatible HTTP server (``python PKG serve``): FastAPI app, request models, metrics.
+"""The package's OpenAI-compatible HTTP server (``python PKG serve``): the FastAPI app, requests to engine
+requests, responses and streaming (request models and limits: ``api_models.py``; metrics:
+``server_metrics.py``).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streamed as server-sent events
 when ``"stream": true``), ``GET /v1/models``, ``GET /health`` (never behind the API key) and
@@ -44,205 +46,27 @@ import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine, EngineDeadError, EngineStepError, Observer, QueueFullError, RequestStream
+from .api_models import (MAX_CHOICES, SAMPLING_EPS, ApiError, ChatRequest, CompletionRequest, GenerationRequest,
+                         check_neutral, error_response, is_int, validation_error)
+from .async_engine import AsyncEngine, EngineDeadError, EngineStepError, QueueFullError, RequestStream
 from .sampler import SamplingError, SamplingParams
+from .server_metrics import ServerMetrics
 from .tokenizer import TokenizerError
 
-MAX_CHOICES = 64          # n x prompts of one request
-MAX_LOGPROBS = 20         # top alternatives per token (OpenAI allows 5 for completions, 20 for chat)
-MAX_STOP_CHARS = 256      # per stop string: the engine thread matches stop strings against every new token
 OPEN_PATHS = {"/health"}  # reachable without the API key (load balancers probe it)
 RETRY_AFTER_SECONDS = 1
 LOGPROB_FLOOR = -9999.0   # -inf is not JSON; OpenAI and vLLM clamp the same way
-SAMPLING_EPS = 1e-5       # smaller temperature, top_p, repetition_penalty overflow the sampler's float32 math
-MAX_ERROR_CHARS = 512     # of an error message (param: a quarter); messages quote request values of any size
 DRAIN_GRACE_SECONDS = 5   # after the drain deadline, for the error answers to reach their clients
-
-
-# ---- errors ---------------------------------------------------------------------------------------
-
-class ApiError(Exception):
-    """An error answered with OpenAI's JSON shape."""
-
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code, self.type, self.headers = status, param, code, type, headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, str(self), param=self.param, code=self.code, type=self.type,
-                              headers=self.headers)
-
-
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    def clip(text: str | None, limit: int) -> str | None:
-        return text if text is None or len(text) <= limit else text[:limit] + "..."
-
-    body = {"error": {"message": clip(message, MAX_ERROR_CHARS), "type": type,
-                      "param": clip(param, MAX_ERROR_CHARS // 4), "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
-    """The first pydantic error as a 400 naming the field (``messages.0.content``)."""
-    error = exc.errors()[0]
-    loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
-    param = ".".join(loc) or None
-    message = error.get("msg", "invalid value").removeprefix("Value error, ")
-    if error.get("type") == "extra_forbidden":
-        message = f"unknown field {param!r} (llmc rejects fields it does not know rather than ignore them)"
-    elif param:
-        message = f"{param}: {message}"
-    return ApiError(message, param=param, code=error.get("type"))
-
-
-# ---- request models -------------------------------------------------------------------------------
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class _Strict(BaseModel):
-    # strict: "1" is not a number and true is not 1; NaN and inf are not numbers either.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
-        # OpenAI's API takes null for any optional field and means "use the default".
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _GenerationRequest(_Strict):
-    """Fields shared by both endpoints."""
-
-    model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int | None = Field(None, ge=-2**63, lt=2**64)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    # extensions (vLLM's names)
-    top_k: int = Field(0, ge=-1)  # -1 (vLLM's "off") and 0 both mean off
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
-    priority: int = 0
-    # OpenAI fields that change nothing here: accepted, ignored
-    user: str | None = None
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    # OpenAI fields llmc cannot honour: accepted only at their do-nothing value (see NEUTRAL)
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if any(len(s) > MAX_STOP_CHARS for s in value):
-            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
-        return value
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: Any
-    max_tokens: int | None = Field(None, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompt_shape(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and value:
-            if all(_is_int(t) for t in value) or all(isinstance(s, str) for s in value):
-                return value
-            if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
-                return value
-        raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of either")
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str = ""  # null (an assistant turn with tool calls) reads as empty
-    name: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, value: Any) -> Any:
-        if isinstance(value, list):  # OpenAI's content parts: only text ones mean anything here
-            if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   and set(p) == {"type", "text"} for p in value):
-                return "".join(p["text"] for p in value)
-            raise ValueError("content parts must be {\"type\": \"text\", \"text\": ...}; this model reads text only")
-        if not isinstance(value, str):
-            raise ValueError("content must be a string or a list of text parts")
-        return value
-
-    def template_dict(self) -> dict:
-        message = {"role": self.role, "content": self.content}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-class ChatRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of the next one
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    parallel_tool_calls: bool | None = None  # ignored: there are no tools
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
-
-
-# Field -> the values that ask for nothing llmc would have to do; anything else is a 400.
-NEUTRAL: dict[str, tuple] = {
-    "logit_bias": (None, {}),
-    "echo": (False,),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-}
-
-
-def check_neutral(body: BaseModel) -> None:
-    for name, allowed in NEUTRAL.items():
-        if name in type(body).model_fields and getattr(body, name) not in allowed:
-            raise ApiError(f"{name} is not supported by this server (accepted only as "
-                           f"{' or '.join(json.dumps(a) for a in allowed)})", param=name, code="unsupported")
 
 
 # ---- request -> engine requests --------------------------------------------------------------------
@@ -289,7 +113,7 @@ class Served:
                            param="max_tokens", code="context_length_exceeded")
         return requested
 
-    async def submit(self, body: _GenerationRequest, prompts: list[list[int]], max_tokens: list[int],
+    async def submit(self, body: GenerationRequest, prompts: list[list[int]], max_tokens: list[int],
                      logprobs: int | None, prompt_param: str) -> RequestStream:
         """One engine request per prompt and choice; engine-side rejections become 400s."""
         count = len(prompts) * body.n
@@ -315,7 +139,7 @@ class Served:
             raise ApiError(str(exc), param=prompt_param if param == "prompt" else param) from None
 
     @staticmethod
-    def sampling_params(body: _GenerationRequest, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(body: GenerationRequest, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
         # Below SAMPLING_EPS: temperature is greedy (its limit), top_p keeps the top token either way, and a
         # repetition penalty lets seen tokens win either way; the values themselves would make NaNs (a 500).
         temperature = body.temperature if body.temperature >= SAMPLING_EPS else 0.0
@@ -333,7 +157,7 @@ def completion_prompts(served: Served, body: CompletionRequest) -> list[list[int
     prompt = body.prompt
     if isinstance(prompt, str):
         return [served.encode(prompt, "prompt")]
-    if all(_is_int(t) for t in prompt):
+    if all(is_int(t) for t in prompt):
         return [list(prompt)]
     return [served.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt]
 
@@ -401,7 +225,7 @@ class Exchange:
     chunk_object: str = ""
     id_prefix: str = ""
 
-    def __init__(self, served: Served, body: _GenerationRequest, prompts: list[list[int]],
+    def __init__(self, served: Served, body: GenerationRequest, prompts: list[list[int]],
                  stream: RequestStream) -> None:
         self.served, self.body, self.prompts, self.stream = served, body, prompts, stream
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
@@ -541,75 +365,6 @@ async def _unless_disconnected(request: Request, work) -> Any:
     finally:
         task.cancel()
         watcher.cancel()
-
-
-# ---- metrics -------------------------------------------------------------------------------------
-
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-class ServerMetrics(Observer):
-    """Prometheus metrics in a registry of their own (the process-global one belongs to the host app).
-
-    Latencies are observed as outputs reach the event loop; engine state (queue, KV, prefix cache,
-    preemptions, token counts) is read from the engine thread's latest ``stats`` at scrape time.
-    """
-
-    def __init__(self, read_stats: Callable[[], dict]) -> None:
-        self.registry = CollectorRegistry()
-        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time from arrival to the first generated token.",
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("llmc_inter_token_latency_seconds", "Time between generated tokens of a request.",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("llmc_e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.requests = Counter("llmc_requests_finished", "Engine requests finished, by finish reason.",
-                                ["finish_reason"], registry=self.registry)
-        for reason in ("stop", "length", "abort", "error"):
-            self.requests.labels(reason)
-        self.rejected = Counter("llmc_requests_rejected", "Requests refused with 429 (queue full).",
-                                registry=self.registry)
-        self.registry.register(_EngineStatsCollector(read_stats))
-
-    def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
-
-    def next_tokens(self, seconds_per_token: float, count: int) -> None:
-        for _ in range(count):
-            self.itl.observe(seconds_per_token)
-
-    def finished(self, reason: str, seconds: float) -> None:
-        self.requests.labels(reason).inc()
-        self.e2e.observe(seconds)
-
-
-class _EngineStatsCollector:
-    def __init__(self, read_stats: Callable[[], dict]) -> None:
-        self.read_stats = read_stats
-
-    def collect(self):
-        s = self.read_stats()
-        queries, hits = s.get("prefix_cache_queries", 0), s.get("prefix_cache_hits", 0)
-        gauges = [
-            ("llmc_num_requests_waiting", "Requests waiting to be scheduled.", s.get("num_waiting", 0)),
-            ("llmc_num_requests_running", "Sequences in the running batch.", s.get("num_running", 0)),
-            ("llmc_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", s.get("kv_usage", 0.0)),
-            ("llmc_kv_cache_free_blocks", "KV cache blocks free.", s.get("num_free_blocks", 0)),
-            ("llmc_kv_cache_blocks", "KV cache blocks in all.", s.get("num_blocks", 0)),
-            ("llmc_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up.",
-             hits / queries if queries else 0.0),
-        ]
-        counters = [
-            ("llmc_preemptions", "Sequences preempted (their KV freed, recomputed later).", s.get("preemptions", 0)),
-            ("llmc_prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens", 0)),
-            ("llmc_generation_tokens", "Tokens generated.", s.get("generation_tokens", 0)),
-            ("llmc_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries),
-            ("llmc_prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits),
-        ]
-        for name, doc, value in gauges:
-            yield GaugeMetricFamily(name, doc, value=float(value))
-        for name, doc, value in counters:
-            yield CounterMetricFamily(name, doc, value=float(value))
 
 
 # ---- app -----------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
-from llmc.runtime.server import ChatRequest, CompletionRequest, create_app
+from llmc.runtime.api_models import ChatRequest, CompletionRequest
+from llmc.runtime.server import create_app
 from server_helpers import InProcessServer, load_engine
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
