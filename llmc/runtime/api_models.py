@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_CHOICES = 64          # n x prompts of one request
 MAX_LOGPROBS = 20         # top alternatives per token (OpenAI allows 5 for completions, 20 for chat)
 MAX_STOP_CHARS = 256      # per stop string: the engine thread matches stop strings against every new token
-SAMPLING_EPS = 1e-5       # smaller temperature, top_p, repetition_penalty overflow the sampler's float32 math
 MAX_ERROR_CHARS = 512     # of an error message (param: a quarter); messages quote request values of any size
 
 # ---- errors ---------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api_models import (MAX_CHOICES, SAMPLING_EPS, ApiError, ChatRequest, CompletionRequest, GenerationRequest,
+from .api_models import (MAX_CHOICES, ApiError, ChatRequest, CompletionRequest, GenerationRequest,
                          check_neutral, error_response, is_int, validation_error)
 from .async_engine import AsyncEngine, EngineDeadError, EngineStepError, QueueFullError, RequestStream
 from .sampler import SamplingError, SamplingParams
@@ -140,13 +140,11 @@ class Served:
 
     @staticmethod
     def sampling_params(body: GenerationRequest, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
-        # Below SAMPLING_EPS: temperature is greedy (its limit), top_p keeps the top token either way, and a
-        # repetition penalty lets seen tokens win either way; the values themselves would make NaNs (a 500).
-        temperature = body.temperature if body.temperature >= SAMPLING_EPS else 0.0
+        # Tiny temperature / top_p / repetition_penalty (5e-324) are normalized by SamplingParams itself.
         return SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_k=max(body.top_k, 0),
-            top_p=max(body.top_p, SAMPLING_EPS), min_p=body.min_p,
-            repetition_penalty=max(body.repetition_penalty, SAMPLING_EPS), presence_penalty=body.presence_penalty,
+            max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
+            top_p=body.top_p, min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=None if body.seed is None else (body.seed + choice) % 2**64,  # OpenAI seeds may be negative
             stop=tuple(body.stop), stop_token_ids=tuple(body.stop_token_ids), ignore_eos=body.ignore_eos,
