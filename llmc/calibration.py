@@ -45,7 +45,7 @@ class CalibrationSet:
         return sum(len(s) for s in self.sequences)
 
 
-def _vocab_size(graph: Graph) -> int:
+def vocab_size(graph: Graph) -> int:
     for node in graph.nodes:
         if node.op.name == "embedding":
             return graph.type_of(node.inputs[1]).shape[0]
@@ -88,7 +88,7 @@ def calibration_set(graph: Graph, options: CalibrationOptions) -> CalibrationSet
                         "(split.json + tokenizer.json) or they are not under the data dir; use source: random "
                         "or set data_dir")
     gen = torch.Generator().manual_seed(options.seed)
-    vocab = _vocab_size(graph)
+    vocab = vocab_size(graph)
     return CalibrationSet([torch.randint(0, vocab, (options.length,), generator=gen).tolist()
                            for _ in range(options.sequences)], "random ids")
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from llmc.calibration import vocab_size
 from llmc.ir import ExecutionContext, Graph, Interpreter
 from llmc.runtime import evaluate as ev
 
@@ -43,8 +44,7 @@ def param_group(name: str) -> str:
 def bytes_by_group(graph: Graph) -> dict[str, int]:
     out: dict[str, int] = {}
     for p in graph.params:
-        numel = math.prod(p.type.shape)
-        out[param_group(p.name)] = out.get(param_group(p.name), 0) + numel * p.type.torch_dtype.itemsize
+        out[param_group(p.name)] = out.get(param_group(p.name), 0) + p.type.nbytes
     return dict(sorted(out.items()))
 
 
@@ -88,7 +88,7 @@ def eval_ids(graph: Graph, tokens: int, data_dir: str | Path | None = None) -> t
                 return held.ids, f"held-out files ({len(held.files)})"
         except ev.EvalError:
             pass
-    vocab = next(graph.type_of(n.inputs[1]).shape[0] for n in graph.nodes if n.op.name == "embedding")
+    vocab = vocab_size(graph)
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (tokens + 1,), generator=gen).tolist(), "random ids"
 

@@ -32,7 +32,8 @@ from pydantic import Field, field_validator, model_validator
 from llmc.calibration import CalibrationOptions, calibration_set, linear_input_stats
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Param, TensorType
-from llmc.passes.rewrite import DEFAULT_EXCLUDE, cached, derived_param, make_node, replace_nodes, select_linears
+from llmc.passes.rewrite import (DEFAULT_EXCLUDE, cached, derived_param, make_node, replace_nodes, select_linears,
+                                 stem)
 from llmc.pipeline import PassContext, PassOptions, PassResult, register_pass
 from llmc.runtime.quant import compress_24
 
@@ -63,14 +64,6 @@ class PruneOptions(PassOptions):
                              "method magnitude with pattern unstructured (2:4 fixes the ratio per group of 4, "
                              "Wanda compares scores within each output row)")
         return self
-
-
-def _stem(weight_name: str) -> str:
-    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
-
-
-def _bytes(p: Param) -> int:
-    return math.prod(p.type.shape) * p.type.torch_dtype.itemsize
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool) -> torch.Tensor:
@@ -119,9 +112,9 @@ def _storage(weight: Param, opts: PruneOptions, norms: torch.Tensor | None, glob
         return [derived_param(new_name, (out, n), weight.type.dtype, pruned, "plain", meta)]
     compressed = cached(lambda: compress_24(pruned()))
     to_values = TensorType((out, n // 2), values_dtype).torch_dtype
-    return [derived_param(f"{_stem(weight.name)}.values", (out, n // 2), values_dtype,
+    return [derived_param(f"{stem(weight.name)}.values", (out, n // 2), values_dtype,
                           lambda: compressed()[0].to(to_values), "sparse24", meta),
-            derived_param(f"{_stem(weight.name)}.meta", (out, n // 8), "uint8",
+            derived_param(f"{stem(weight.name)}.meta", (out, n // 8), "uint8",
                           lambda: compressed()[1], "sparse24", meta)]
 
 
@@ -170,11 +163,11 @@ def prune(graph: Graph, ctx: PassContext) -> PassResult:
         if weight.name not in storage:
             norms = stats.by_node[node.ref].sqsum.float().sqrt() if stats is not None else None
             shared = readers[weight.name] > pruned_readers[weight.name]
-            new_name = f"{_stem(weight.name)}.pruned_weight" if shared else weight.name
+            new_name = f"{stem(weight.name)}.pruned_weight" if shared else weight.name
             storage[weight.name] = _storage(weight, opts, norms, global_mask, types[node.inputs[0]].dtype, new_name)
             types.update({"@" + p.name: p.type for p in storage[weight.name]})
-            before += _bytes(weight)
-            after += sum(_bytes(p) for p in storage[weight.name])
+            before += weight.type.nbytes
+            after += sum(p.type.nbytes for p in storage[weight.name])
             zeroed += _zeroed(opts, *weight.type.shape, per_row=norms is not None)
             total += math.prod(weight.type.shape)
         refs = ["@" + p.name for p in storage[weight.name]]

@@ -29,7 +29,8 @@ from llmc.calibration import CalibrationOptions, calibration_set, linear_input_s
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Param
 from llmc.passes import gptq
-from llmc.passes.rewrite import DEFAULT_EXCLUDE, cached, derived_param, make_node, replace_nodes, select_linears
+from llmc.passes.rewrite import (DEFAULT_EXCLUDE, cached, derived_param, make_node, replace_nodes, select_linears,
+                                 stem)
 from llmc.pipeline import PassContext, PassOptions, PassResult, register_pass
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
@@ -47,21 +48,6 @@ class QuantizeOptions(PassOptions):
     calibration: CalibrationOptions = CalibrationOptions()
 
 
-def _stem(weight_name: str) -> str:
-    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
-
-
-def _numel(p: Param) -> int:
-    n = 1
-    for d in p.type.shape:
-        n *= d
-    return n
-
-
-def _bytes(params: list[Param]) -> int:
-    return sum(_numel(p) * p.type.torch_dtype.itemsize for p in params)
-
-
 def _fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
@@ -77,7 +63,7 @@ def _smooth_factors(w: torch.Tensor, act_absmax: torch.Tensor, alpha: float | No
 
 def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stats) -> tuple[str, list[Param], dict]:
     """The op replacing ``node`` and its storage params (loaded lazily from ``weight``)."""
-    stem, (out, n) = _stem(weight.name), weight.type.shape
+    prefix, (out, n) = stem(weight.name), weight.type.shape
     hessian = stats.by_node[node.ref].hessian if stats is not None and opts.method == "gptq" else None
     meta = {"scheme": scheme, "source": weight.name}
 
@@ -90,8 +76,8 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
     if scheme == "int8":
         res = cached(lambda: grid(weight.load().float(), 8, None, True))
         return "linear_int8", [
-            derived_param(f"{stem}.qweight", (out, n), "int8", lambda: res().q.to(torch.int8), "int8", meta),
-            derived_param(f"{stem}.scale", (out,), "float32", lambda: res().scale.reshape(out).float(), "int8", meta),
+            derived_param(f"{prefix}.qweight", (out, n), "int8", lambda: res().q.to(torch.int8), "int8", meta),
+            derived_param(f"{prefix}.scale", (out,), "float32", lambda: res().scale.reshape(out).float(), "int8", meta),
         ], {}
     if scheme == "int4":
         g = opts.group_size
@@ -101,15 +87,15 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
         res = cached(lambda: grid(weight.load().float(), 4, g, False))
         from llmc.runtime.quant import pack_int4
         return "linear_int4", [
-            derived_param(f"{stem}.qweight", (out, n // 2), "uint8", lambda: pack_int4(res().q), "int4", meta),
-            derived_param(f"{stem}.scales", (out, n // g), "float32", lambda: res().scale.float(), "int4", meta),
-            derived_param(f"{stem}.zeros", (out, n // g), "uint8", lambda: res().zero.to(torch.uint8), "int4", meta),
+            derived_param(f"{prefix}.qweight", (out, n // 2), "uint8", lambda: pack_int4(res().q), "int4", meta),
+            derived_param(f"{prefix}.scales", (out, n // g), "float32", lambda: res().scale.float(), "int4", meta),
+            derived_param(f"{prefix}.zeros", (out, n // g), "uint8", lambda: res().zero.to(torch.uint8), "int4", meta),
         ], {"group_size": g}
     if scheme == "fp8":
         res = cached(lambda: _fp8(weight.load().float()))
         return "linear_fp8", [
-            derived_param(f"{stem}.qweight", (out, n), "float8_e4m3fn", lambda: res()[0], "fp8", meta),
-            derived_param(f"{stem}.scale", (out,), "float32", lambda: res()[1], "fp8", meta),
+            derived_param(f"{prefix}.qweight", (out, n), "float8_e4m3fn", lambda: res()[0], "fp8", meta),
+            derived_param(f"{prefix}.scale", (out,), "float32", lambda: res()[1], "fp8", meta),
         ], {}
     # w8a8: smooth, then int8 per channel (round to nearest: the activations dominate the error)
     act = stats.by_node[node.ref].absmax if stats is not None else None
@@ -122,9 +108,9 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
 
     res = cached(smoothed)
     return "linear_w8a8", [
-        derived_param(f"{stem}.qweight", (out, n), "int8", lambda: res()[0].q.to(torch.int8), "w8a8", meta),
-        derived_param(f"{stem}.scale", (out,), "float32", lambda: res()[0].scale.reshape(out).float(), "w8a8", meta),
-        derived_param(f"{stem}.smooth", (n,), "float32", lambda: res()[1].float(), "w8a8", meta),
+        derived_param(f"{prefix}.qweight", (out, n), "int8", lambda: res()[0].q.to(torch.int8), "w8a8", meta),
+        derived_param(f"{prefix}.scale", (out,), "float32", lambda: res()[0].scale.reshape(out).float(), "w8a8", meta),
+        derived_param(f"{prefix}.smooth", (n,), "float32", lambda: res()[1].float(), "w8a8", meta),
     ], {}
 
 
@@ -159,9 +145,9 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
         inputs = [node.inputs[0], *("@" + p.name for p in storage), *node.inputs[2:]]
         replacements[node.ref] = [make_node(node.name, op, inputs, types, node.meta, **attrs)]
         new_params.extend(storage)
-        before += _bytes([weight])
-        after += _bytes(storage)
-        bf16 += _numel(weight) * 2
+        before += weight.type.nbytes
+        after += sum(p.type.nbytes for p in storage)
+        bf16 += weight.type.nbytes // weight.type.torch_dtype.itemsize * 2
     if not replacements:
         return PassResult(graph, changed=False, stats={"quantized": 0})
     result = replace_nodes(graph, replacements, new_params)

@@ -22,6 +22,11 @@ from llmc.ir import OPS, Graph, Node, Param, TensorType
 DEFAULT_EXCLUDE = ("lm_head.*", "*embed*", "*wte*", "*wpe*")
 
 
+def stem(weight_name: str) -> str:
+    """``model.layers.0.mlp.up_proj.weight`` -> ``model.layers.0.mlp.up_proj`` (new params' prefix)."""
+    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+
+
 def weight_name(node: Node) -> str | None:
     """The param name of a linear node's weight, or None when the weight is computed."""
     ref = node.inputs[1]

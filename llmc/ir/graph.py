@@ -70,13 +70,7 @@ class Graph:
         return uses
 
     def param_bytes(self) -> int:
-        total = 0
-        for p in self.params:
-            numel = 1
-            for d in p.type.shape:
-                numel *= d
-            total += numel * p.type.torch_dtype.itemsize
-        return total
+        return sum(p.type.nbytes for p in self.params)
 
     def to_networkx(self):
         """A DiGraph over node names (plus inputs and params) with op, type and attrs on each node."""

@@ -48,6 +48,16 @@ class TensorType:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of a value of this type (static shapes only: a param's, not an activation's)."""
+        numel = 1
+        for d in self.shape:
+            if not isinstance(d, int):
+                raise ValueError(f"{self} has a symbolic dim: its size is known only at run time")
+            numel *= d
+        return numel * self.torch_dtype.itemsize
+
     def __str__(self) -> str:
         return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
 
