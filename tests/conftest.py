@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Kernel tests run Triton in its CPU interpreter; the variable must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -11,3 +13,16 @@ def pytest_addoption(parser):
                      help="rewrite tests/golden/*.json from the current outputs instead of comparing")
     parser.addoption("--full-load", action="store_true", default=False,
                      help="run the reliability load suites (soak) at their full counts instead of the CI counts")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_cpu_package(tmp_path_factory):
+    """The tiny Llama (char tokenizer, id == ord(c), 256 positions, a chat template) compiled for cpu,
+    compiled once per session for the server and reliability suites."""
+    from llmc.compiler import compile_model
+    from llmc.examples_tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-llama-package")
+    out = root / "tiny-llama-cpu"
+    compile_model(save_tiny_model("llama", root / "tiny-llama"), "cpu", out)
+    return out

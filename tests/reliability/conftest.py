@@ -14,9 +14,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from llmc.compiler import compile_model  # noqa: E402
-from llmc.examples_tiny import save_tiny_model  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def full_load(request) -> bool:
@@ -24,10 +21,6 @@ def full_load(request) -> bool:
 
 
 @pytest.fixture(scope="session")
-def reliability_package(tmp_path_factory) -> Path:
-    """The tiny Llama (char tokenizer, id == ord(c), 256 positions, a chat template) compiled for cpu."""
-    root = tmp_path_factory.mktemp("reliability")
-    checkpoint = save_tiny_model("llama", root / "tiny-llama")
-    out = root / "tiny-llama-cpu"
-    compile_model(checkpoint, "cpu", out)
-    return out
+def reliability_package(tiny_llama_cpu_package) -> Path:
+    """The tiny Llama compiled for cpu (tests/conftest.py), shared with the server suite."""
+    return tiny_llama_cpu_package

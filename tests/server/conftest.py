@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from llmc.compiler import compile_model
-from llmc.examples_tiny import save_tiny_model
 from server_helpers import load_engine, serving
 
 
 @pytest.fixture(scope="session")
-def package(tmp_path_factory) -> Path:
-    """The tiny Llama (char tokenizer, id == ord(c), 256 positions, a chat template) compiled for cpu."""
-    root = tmp_path_factory.mktemp("server")
-    checkpoint = save_tiny_model("llama", root / "tiny-llama")
-    out = root / "tiny-llama-cpu"
-    compile_model(checkpoint, "cpu", out)
-    return out
+def package(tiny_llama_cpu_package) -> Path:
+    """The tiny Llama compiled for cpu (tests/conftest.py)."""
+    return tiny_llama_cpu_package
 
 
 @pytest.fixture(scope="module")
