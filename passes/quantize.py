@@ -32,8 +32,7 @@ from llmc.passes import gptq
 from llmc.passes.rewrite import (DEFAULT_EXCLUDE, cached, derived_param, make_node, replace_nodes, select_linears,
                                  stem)
 from llmc.pipeline import PassContext, PassOptions, PassResult, register_pass
-
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
+from llmc.runtime.quant import FP8_MAX, pack_int4
 
 
 class QuantizeOptions(PassOptions):
@@ -85,7 +84,6 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
             raise LlmcError(f"quantize int4: {weight.name} has {n} input features, not a multiple of group_size {g}; "
                             f"exclude it or choose another group_size")
         res = cached(lambda: grid(weight.load().float(), 4, g, False))
-        from llmc.runtime.quant import pack_int4
         return "linear_int4", [
             derived_param(f"{prefix}.qweight", (out, n // 2), "uint8", lambda: pack_int4(res().q), "int4", meta),
             derived_param(f"{prefix}.scales", (out, n // g), "float32", lambda: res().scale.float(), "int4", meta),

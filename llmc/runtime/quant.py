@@ -27,7 +27,6 @@ Layouts (weights are ``[out, in]`` like ``F.linear``; a GPU kernel reads exactly
 import torch
 import torch.nn.functional as F
 
-INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
