@@ -47,3 +47,41 @@ def write_kernel(name: str, out_dir: str | Path, **params: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_kernel(name, **params), encoding="utf-8")
     return path
+
+
+# Tile configs per GPU generation, keyed by the target's compute capability major version. Decode is
+# memory bound: the attention key tile only needs to be wide enough for full 128-byte reads, and
+# the split count fills the SMs when batch x KV heads alone cannot. Prefill's query tile is the MMA
+# M side (times the GQA group). Ampere/Ada (8.x) has less shared memory per SM than Hopper (9.x),
+# hence the smaller prefill tiles there.
+_TILES = {
+    9: {"attn_block_n": 64, "attn_block_m": 64, "max_splits": 16, "num_warps": 4},
+    8: {"attn_block_n": 32, "attn_block_m": 32, "max_splits": 16, "num_warps": 4},
+}
+# Elementwise kernels (norms, activations, gathers) move one row per program.
+ELEMENTWISE_BLOCK = 1024
+
+
+def kernel_configs(target: Any) -> dict[str, dict[str, Any]]:
+    """Template parameters of every kernel for ``target`` (a ``llmc.target.Target``), by kernel name.
+
+    The one place where target facts become tile sizes; ``render_kernel(name, **configs[name])``.
+    """
+    major = int(str(target.compute_capability or "9.0").split(".")[0])
+    tiles = _TILES.get(major, _TILES[9] if major > 9 else _TILES[8])
+    common = {"target": target.name, "num_warps": tiles["num_warps"]}
+    # float32 models multiply in IEEE float32 (the reference's numbers); bfloat16/float16 ones in
+    # tf32, which holds their operands exactly (8 and 10 mantissa bits fit in tf32's 10).
+    precision = "ieee" if target.runtime.default_dtype == "float32" else "tf32"
+    attention = {**common, "block_n": tiles["attn_block_n"], "dot_precision": precision}
+    return {
+        "rms_norm": common,
+        "add_rms_norm": common,
+        "rope": common,
+        "act_mul": {**common, "block": ELEMENTWISE_BLOCK},
+        "embedding": {**common, "block": ELEMENTWISE_BLOCK},
+        "kv_cache_write": common,
+        "paged_decode_attention": {**attention, "sm_count": target.sm_count or 1,
+                                   "max_splits": tiles["max_splits"]},
+        "paged_prefill_attention": {**attention, "block_m": tiles["attn_block_m"]},
+    }
