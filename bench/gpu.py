@@ -244,16 +244,30 @@ def bench_decode(target, dev, args, bandwidth: float, work: Path) -> list[str]:
             print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:500]}")
             rows.append(f"| {label} | — | — | — | — | — | failed: {reason(exc)} |")
             continue
-        results[label] = rate, tokens
         per_token = kv_read + (weight_bytes([package / "weights" / "model.safetensors"]) if package else hf_bytes)
+        results[label] = rate, tokens, per_token * rate / bandwidth
         compiled = results.get("HF torch.compile + static cache (bf16)")
         eager = results.get("HF transformers eager (bf16)")
         versus = f"{rate / compiled[0]:.2f}x" if compiled else "—"
         same = f"{sum(a == b for a, b in zip(tokens, eager[1]))}/{len(tokens)}" if eager else "—"
         rows.append(f"| {label} | {per_token / 1e6:.1f} | {1e3 / rate:.2f} | {rate:.1f} | {versus} | "
-                    f"{per_token * rate / bandwidth:.0%} | {same} |")
+                    f"{results[label][2]:.0%} | {same} |")
         print(rows[-1], flush=True)
-    return rows
+    return rows, goals(results, target.name)
+
+
+def goals(results: dict, target_name: str) -> list[str]:
+    """The Triton backend's decode goals, each met or not (or why it has no figure)."""
+    bf16, int4 = results.get(f"llmc {target_name} bf16"), results.get(f"llmc {target_name} int4 g128")
+    compiled = results.get("HF torch.compile + static cache (bf16)")
+    lines = [f"- bf16 decode at {bf16[2]:.0%} of the measured copy bandwidth (goal >= 80%): "
+             f"{'met' if bf16[2] >= 0.8 else 'not met'}" if bf16 else "- bf16 decode goal: no llmc bf16 figure"]
+    if int4 and compiled:
+        ratio = int4[0] / compiled[0]
+        lines.append(f"- int4 decode at {ratio:.2f}x HF torch.compile (goal >= 1.5x): {'met' if ratio >= 1.5 else 'not met'}")
+    else:
+        lines.append("- int4 decode goal: needs both the llmc int4 and the HF torch.compile figures")
+    return lines
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -286,7 +300,7 @@ def main() -> int:
     print(f"# {machine}; torch {torch.__version__}, triton {triton.__version__}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s", flush=True)
     kernels = bench_kernels(target, SMOKE if args.smoke else FULL, dev, args.smoke, bandwidth, work)
-    decode = [] if args.skip_decode else bench_decode(target, dev, args, bandwidth, work)
+    decode, decode_goals = ([], []) if args.skip_decode else bench_decode(target, dev, args, bandwidth, work)
     command = "python bench/gpu.py " + " ".join(sys.argv[1:])
     lines = [f"\n## Triton backend kernels and decode, {time.strftime('%Y-%m-%d')} (`{command.strip()}`)\n",
              f"{machine}, {platform.machine()}; torch {torch.__version__}, triton {triton.__version__}; target "
@@ -298,7 +312,8 @@ def main() -> int:
                   f"prompt 32, {args.new_tokens} new tokens, median of {args.repeats}; bytes per token = weights "
                   "read (embedding excluded) + mean KV read.\n",
                   "| engine | MB read / token | ms / token | tokens/s | vs HF torch.compile | roofline | "
-                  "tokens = HF eager |", "|---|---|---|---|---|---|---|", *decode]
+                  "tokens = HF eager |", "|---|---|---|---|---|---|---|", *decode, "", *decode_goals]
+        print("\n".join(decode_goals))
     if results:
         with open(results, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

@@ -64,3 +64,13 @@ def test_smoke_run_writes_the_tables(tmp_path):
                         text, re.M)
     assert eager and float(eager.group(3)) > 0 and harness and float(harness.group(2)) > 0
     assert re.search(r"^\| llmc h100 bf16 \|", text, re.M)  # a figure, or the reason it has none
+
+
+def test_goals_say_met_or_not_and_why_a_figure_is_missing():
+    results = {"llmc h100 bf16": (300.0, [], 0.83), "llmc h100 int4 g128": (400.0, [], 0.5),
+               "HF torch.compile + static cache (bf16)": (280.0, [], 0.7)}
+    lines = gpu.goals(results, "h100")
+    assert lines == ["- bf16 decode at 83% of the measured copy bandwidth (goal >= 80%): met",
+                     "- int4 decode at 1.43x HF torch.compile (goal >= 1.5x): not met"]
+    missing = gpu.goals({}, "h100")
+    assert "no llmc bf16 figure" in missing[0] and "needs both" in missing[1]
