@@ -10,8 +10,8 @@ from quant_layouts import activations, kernel_module, quantized_weight, relative
 # Both sides quantize the activations to the same int8 values (IEEE divisions, ties to even) and
 # accumulate exactly in int32, so float32 differs only where split-K sums float32 partials (~1e-7);
 # one activation rounded differently would cost ~1e-3 and fail. bfloat16 rounds the output: a
-# split-K difference can flip it by one bfloat16 step (2^-8 of the value).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3}
+# split-K difference can flip it by one bfloat16 step (up to 2^-7 of the value, 7.8e-3).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(scope="module")
