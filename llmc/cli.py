@@ -1,4 +1,4 @@
-"""The `llmc` command line: compile, eval, targets, passes, make-tiny, inspect, run.
+"""The `llmc` command line: compile, eval, bench, targets, passes, make-tiny, inspect, run.
 
 Results go to stdout; progress (spinners) and errors go to stderr. An `LlmcError` is the user's to
 fix, so it is printed as one red line and exits with code 2 (click's code for bad usage); any other
@@ -283,6 +283,14 @@ def compile_(
     quality_tokens: Optional[int] = typer.Option(
         None, "--quality-tokens", min=0,
         help="Held-out tokens scored after a lossy pass (quantize, prune, gqa_rewrite); 0 skips. Default 1024."),
+    draft: Optional[Path] = typer.Option(
+        None, "--draft", help="A smaller model with the same tokenizer, compiled into the package (draft/) for "
+                              "speculative decoding, which it then uses by default."),
+    speculative: Optional[str] = typer.Option(
+        None, "--speculative", help="The package's default speculative decoding: off, ngram (prompt lookup, no "
+                                    "extra model) or draft (needs --draft) [draft with --draft, else off]."),
+    num_speculative_tokens: int = typer.Option(
+        4, "--num-speculative-tokens", min=1, help="Most tokens proposed per sequence and step [4]."),
 ) -> None:
     """Compile MODEL_DIR for a target into a self-contained package.
 
@@ -290,13 +298,16 @@ def compile_(
 
     Quantize the example model to int4 and see what it cost:
     `llmc compile examples/models/stdlib-llama-6m -o build/int4 --set quantize.scheme=int4 --report`
+
+    With a draft model for speculative decoding: `llmc compile MODEL --draft DRAFT_MODEL -o build/spec`
     """
     from llmc.compiler import compile_model
 
     with err.status("compiling") as status:
         result = compile_model(model_dir, target, output, overrides=set_ or (), dump_ir=dump_ir,
                                on_event=lambda stage, detail: status.update(f"{stage}: {detail}"),
-                               quality_tokens=quality_tokens)
+                               quality_tokens=quality_tokens, draft=draft, speculative=speculative,
+                               num_speculative_tokens=num_speculative_tokens)
     table = Table(title=f"{model_dir} -> {result.out_dir} (target {result.target.name})")
     for column in ("pass", "changed", "nodes", "stats", "time"):
         table.add_column(column)
@@ -437,6 +448,89 @@ def passes() -> None:
         table.add_row(info.name, opts or "-", ", ".join(info.requires) or "-", ", ".join(info.provides) or "-",
                       info.doc)
     out.print(table)
+
+
+@app.command("bench")
+@_reports_user_errors
+def bench(
+    model: str = typer.Argument(..., help="An llmc package, an HF checkpoint directory (compiled for --target into "
+                                          "~/.cache/llmc/bench), or a bench model: llama-150m, llama-1b, example."),
+    baseline: list[str] = typer.Option(["all"], "--baseline", "-b",
+                                       help="Peers to time beside llmc: hf, hf-compile, llama.cpp, all or none "
+                                            "(repeatable)."),
+    workload: list[str] = typer.Option(["decode", "offline"], "--workload", "-w",
+                                       help="decode (batch 1, prompt 128 + 128 new), offline (a spread of request "
+                                            "lengths at once), online (Poisson arrivals at the HTTP server), all."),
+    checkpoint: Optional[Path] = typer.Option(None, "--model", help="The HF checkpoint the peers run, when MODEL "
+                                                                    "is a package."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Target to compile a checkpoint for."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Compile override, e.g. quantize.scheme=int8."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per engine after one warm-up; the median counts."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for every engine [torch's default]."),
+    requests: int = typer.Option(32, "--requests", min=1, help="Requests of the offline and online workloads."),
+    batch: int = typer.Option(16, "--batch", min=1, help="llmc's max concurrent sequences and HF's static batch size."),
+    rate: list[float] = typer.Option([1.0], "--rate", help="Online request rate(s) in requests/s (repeatable)."),
+    decode_tokens: int = typer.Option(128, "--decode-tokens", min=2, help="New tokens of the decode workload."),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="llama.cpp weights: f32, q8_0, q4_0 "
+                                                                      "[the package's precision]."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Append the table as markdown (e.g. "
+                                                                          "bench/RESULTS.md)."),
+    plot_dir: Optional[Path] = typer.Option(None, "--plot-dir", help="Write PNG plots here (needs matplotlib)."),
+) -> None:
+    """Time llmc beside HF transformers (eager, torch.compile) and llama.cpp on one model, in one run.
+
+    Prints tokens/s per workload and engine, llmc's speed ratio over each peer, latency, and the
+    roofline fraction (decode bytes per token / time per token over this machine's measured copy
+    bandwidth). Peers that cannot run here are listed as skipped with the reason.
+
+    Example: `llmc bench llama-150m --set quantize.scheme=int8 --markdown bench/RESULTS.md`
+    """
+    import shlex
+    import sys
+
+    from llmc.bench import BASELINES, WORKLOADS, BenchOptions, resolve_subject, run_bench
+    from llmc.bench.report import HEADER, markdown, rows, write_json, write_plots
+
+    peers = _choices("--baseline", baseline, BASELINES, none_ok=True)
+    workloads = _choices("--workload", workload, WORKLOADS)
+    with err.status("preparing") as status:
+        subject = resolve_subject(model, model=checkpoint, target=target, overrides=list(set_ or ()),
+                                  on_event=lambda stage, detail: status.update(f"compiling: {stage}: {detail}"))
+    options = BenchOptions(baselines=peers, workloads=workloads, repeats=repeats, threads=threads,
+                           decode_tokens=decode_tokens, offline_requests=requests, online_requests=requests,
+                           batch_size=batch, rates=tuple(rate), gguf_type=gguf_type,
+                           command="llmc bench " + shlex.join(sys.argv[2:]))
+    results = run_bench(subject, options, notify=lambda message: err.print(f"[dim]{escape(message)}[/]"))
+    table = Table(title=f"llmc bench: {subject.label} on {results['machine']['cpu']} "
+                        f"({results['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s copy)")
+    for column in HEADER:
+        table.add_column(column)
+    for row in rows(results):
+        table.add_row(*map(escape, row))
+    out.print(table)
+    for name, why in results["skipped"].items():
+        err.print(f"[yellow]skipped {escape(name)}:[/] {escape(why)}")
+    if json_path:
+        write_json(results, json_path)
+    if markdown_path:
+        with markdown_path.open("a", encoding="utf-8") as f:
+            f.write("\n" + markdown(results))
+    if plot_dir:
+        for path in write_plots(results, plot_dir):
+            _field("plot", escape(str(path)))
+
+
+def _choices(flag: str, given: list[str], allowed: tuple[str, ...], none_ok: bool = False) -> tuple[str, ...]:
+    """Expand ``all``/``none`` and reject unknown names, naming the flag."""
+    if "all" in given:
+        return allowed
+    if none_ok and "none" in given:
+        return ()
+    unknown = [g for g in given if g not in allowed]
+    if unknown:
+        raise LlmcError(f"{flag} {unknown[0]!r}: choose from {', '.join(allowed)}, all" + (", none" if none_ok else ""))
+    return tuple(dict.fromkeys(given))
 
 
 def main() -> None:
