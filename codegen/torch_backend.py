@@ -284,15 +284,27 @@ def _check_inputs(graph: Graph) -> list[str]:
     return names
 
 
+def helper_source(helper: Callable | str) -> str:
+    """A helper's definition as model.py holds it: a runtime function's source, or source text."""
+    return helper if isinstance(helper, str) else inspect.getsource(helper).rstrip()
+
+
 def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
-                 factor_layers: bool = True) -> str:
-    """The source of model.py for ``graph`` (deterministic: same graph -> same text)."""
+                 factor_layers: bool = True, emitters: dict[str, Emitter] | None = None,
+                 helpers: dict[str, tuple] | None = None, preamble: str = "",
+                 prepare_body: list[str] | None = None, reserved: frozenset[str] = frozenset()) -> str:
+    """The source of model.py for ``graph`` (deterministic: same graph -> same text).
+
+    Another backend reuses this with its own ``emitters`` (op -> expression), ``helpers`` (op ->
+    functions or source texts pasted into model.py), ``preamble`` (code after the imports, e.g.
+    loading kernel modules), ``prepare_body`` and the extra names it defines (``reserved``)."""
     input_names = _check_inputs(graph)
-    emitters = emitters_for(device)
+    emitters = emitters_for(device) if emitters is None else emitters
+    helpers = TEMPLATE_HELPERS if helpers is None else helpers
     for node in graph.nodes:  # fail before rendering anything, naming the first unsupported node
         if node.op.name not in emitters:
             emit_line(node, [], {}, "", emitters)
-    found = find_layer_kinds(graph, RESERVED | set(EMITTERS)) if factor_layers else None
+    found = find_layer_kinds(graph, RESERVED | reserved | set(emitters)) if factor_layers else None
     runs, kinds = found if found else ([], [])
     kind_of = {id(run): kind for kind in kinds for run in kind.runs}
     start_of = {run.nodes[0].ref: run for run in runs}
@@ -313,11 +325,11 @@ def render_model(graph: Graph, *, target_name: str, device: str, backend: str,
     return env.get_template("model.py.jinja").render(
         title=f"{arch}: the forward step of the compiled model.",
         llmc_version=llmc.__version__, target_name=target_name, device=device, backend=backend,
-        input_names=input_names,
-        helpers=list(dict.fromkeys(inspect.getsource(fn).rstrip() for op in sorted(used & set(TEMPLATE_HELPERS))
-                                   for fn in TEMPLATE_HELPERS[op])),  # once each: ops share helpers
+        input_names=input_names, preamble=preamble,
+        helpers=list(dict.fromkeys(helper_source(fn) for op in sorted(used & set(helpers))
+                                   for fn in helpers[op])),  # once each: ops share helpers
         extra_helpers=[PLUGIN_HELPERS[op] for op in sorted(used & set(PLUGIN_HELPERS))],
         layer_functions=[_layer_function(k, emitters) for k in kinds], forward_body=forward_body,
         layer_tables=_layer_tables(kinds),
-        prepare_body=prepare_lines(graph, device),
+        prepare_body=prepare_lines(graph, device) if prepare_body is None else prepare_body,
         outputs=[(name, scope.expr(ref)) for name, ref in graph.outputs])

@@ -84,4 +84,6 @@ def kernel_configs(target: Any) -> dict[str, dict[str, Any]]:
         "paged_decode_attention": {**attention, "sm_count": target.sm_count or 1,
                                    "max_splits": tiles["max_splits"]},
         "paged_prefill_attention": {**attention, "block_m": tiles["attn_block_m"]},
+        # The quantized GEMMs pick their own decode/prefill tiles; they need the SMs to fill.
+        **{f"linear_{scheme}": {"sm_count": target.sm_count or 1} for scheme in ("int4", "int8", "fp8", "w8a8")},
     }
