@@ -227,7 +227,7 @@ def bench_decode(target, dev, args, bandwidth: float, work: Path) -> list[str]:
                ("HF torch.compile + static cache (bf16)", None,
                 lambda: hf_decode(model_dir, dev, prompt, args, sync, True))]
     variants = [(target.name, "bf16", []), (target.name, "int4 g128", ["quantize.scheme=int4"])]
-    if args.smoke:  # the cpu target's torch backend runs today: proves this harness end to end
+    if args.smoke:  # the cpu target's torch backend: proves this harness when the target's rows fail
         variants.append(("cpu", "(torch backend, harness check)", []))
     for name, label, overrides in variants:
         package = work / f"package-{name}-{len(overrides)}"
@@ -237,6 +237,8 @@ def bench_decode(target, dev, args, bandwidth: float, work: Path) -> list[str]:
     for label, package, run in engines:
         if "torch.compile" in label and dev.type != "cuda":
             print(f"skipped {label}: needs CUDA (reduce-overhead captures CUDA graphs)")
+            continue
+        if "harness check" in label and sum(k.startswith(f"llmc {target.name}") for k in results) == 2:
             continue
         try:
             rate, tokens = run()
