@@ -1,6 +1,7 @@
 """Shared test options: ``--update-golden`` rewrites the recorded outputs under tests/golden/."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,15 @@ def pytest_addoption(parser):
                      help="rewrite tests/golden/*.json from the current outputs instead of comparing")
     parser.addoption("--full-load", action="store_true", default=False,
                      help="run the reliability load suites (soak) at their full counts instead of the CI counts")
+    parser.addoption("--bench", action="store_true", default=False,
+                     help="collect tests/bench (pytest-benchmark timings of runtime hot paths); off by default")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/bench holds timings, not checks: collected only with --bench."""
+    if collection_path == Path(__file__).parent / "bench" and not config.getoption("--bench"):
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")
