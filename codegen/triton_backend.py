@@ -79,9 +79,12 @@ import types
 from pathlib import Path
 
 # LLMC_TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's interpreter (slow: for tests
-# and machines without a GPU). Triton reads TRITON_INTERPRET when a kernel is defined, so it is set
-# here, before the kernel modules load.
-if os.environ.get("LLMC_TRITON_INTERPRET") == "1":
+# and machines without a GPU). Triton reads TRITON_INTERPRET when it defines a jit function, its
+# own triton.language helpers included, so it must be set before triton is first imported.
+if os.environ.get("LLMC_TRITON_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        raise RuntimeError("LLMC_TRITON_INTERPRET=1, but triton was imported before this package's model.py; "
+                           "set TRITON_INTERPRET=1 in the environment before starting Python instead")
     os.environ["TRITON_INTERPRET"] = "1"
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
