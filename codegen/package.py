@@ -1,6 +1,7 @@
 """The package emitter: final IR + target -> a self-contained, runnable package directory.
 
-    model.py                    generated forward step (torch backend)
+    model.py                    generated forward step (torch or triton backend)
+    kernels/*.py                triton backend: the rendered Triton kernel modules model.py loads
     weights/model.safetensors   every graph param by IR name
     plan.json                   IR text, target, passes; model facts the runtime needs
     report.json                 bytes per param group before/after passes, KV bytes per token,
@@ -9,6 +10,7 @@
     __main__.py, __init__.py    `python PKG generate ...`; `pip install PKG` works too
     pyproject.toml, README.md
     tokenizer.json ...          copied from the checkpoint when present
+    draft/                      with a draft model (speculative decoding): its own package, same target
 
 Deterministic: the same graph, target, checkpoint and report give byte-identical files (sorted
 keys, no timestamps, no absolute paths, no __pycache__). Timings in the report are dropped for
@@ -32,9 +34,11 @@ import llmc
 from llmc.errors import LlmcError
 from llmc.ir import Graph, format_graph, verify
 
+from . import triton_backend
 from .torch_backend import render_model
 
 WEIGHTS_FILE = "weights/model.safetensors"
+DRAFT_DIR = "draft"  # the draft model's package inside the package (runtime/engine.py reads the same name)
 # Copied byte for byte from the checkpoint when present: what the runtime tokenizer and stop
 # tokens read (chat_template.jinja is where transformers >= 4.43 saves a chat template), and the
 # train/held-out file list `python PKG eval` scores (split.json, see runtime/evaluate.py).
@@ -42,18 +46,26 @@ CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json", "chat_template.jinja", "split.json")
 # Report keys that hold wall-clock times: they differ run to run, so they stay out of the package.
 TIMING_KEYS = re.compile(r"^(seconds|time|timestamp|elapsed|duration)$|_(seconds|time|ms)$")
-BACKENDS = {"torch": render_model}
+BACKENDS = {"torch": render_model, "triton": triton_backend.render_model}
+# Files a backend writes beside model.py: backend -> (graph, target) -> {relative path: text}.
+BACKEND_FILES = {"triton": triton_backend.kernel_files}
 
 
 def emit_package(graph: Graph, target: Any, out_dir: str | Path, *, checkpoint_dir: str | Path | None,
-                 report: Mapping[str, Any] | None, compile_report: Mapping[str, Any] | None = None) -> Path:
+                 report: Mapping[str, Any] | None, compile_report: Mapping[str, Any] | None = None,
+                 draft: tuple[Graph, Path, Mapping[str, Any]] | None = None,
+                 speculative: Mapping[str, Any] | None = None) -> Path:
     """Write the package for ``graph`` compiled for ``target`` to ``out_dir``; return ``out_dir``.
 
     ``out_dir`` must be new, empty or an earlier package (it is replaced whole, so no stale file
     survives). Files are written to a temporary sibling first, so a failure leaves no half package.
+    ``draft`` = (graph, checkpoint, report) of a draft model compiled for the same target: it is
+    written as a package of its own in ``draft/``; ``speculative`` goes into plan.json as is.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    if draft is not None:
+        verify(draft[0])
     if target.backend not in BACKENDS:
         raise LlmcError(f"target {target.name!r}: backend {target.backend!r} has no code generator yet "
                         f"(available: {', '.join(BACKENDS)}); try --set backend=torch")
@@ -67,7 +79,10 @@ def emit_package(graph: Graph, target: Any, out_dir: str | Path, *, checkpoint_d
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_package(staging, graph, target, ckpt, dict(report or {}), compile_report)
+        _write_package(staging, graph, target, ckpt, dict(report or {}), compile_report, speculative)
+        if draft is not None:
+            draft_graph, draft_ckpt, draft_report = draft
+            _write_package(staging / DRAFT_DIR, draft_graph, target, Path(draft_ckpt), dict(draft_report))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -86,12 +101,16 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, report: dict,
-                   compile_report: Mapping[str, Any] | None = None) -> None:
+                   compile_report: Mapping[str, Any] | None = None,
+                   speculative: Mapping[str, Any] | None = None) -> None:
     name = import_name(ckpt.resolve().name if ckpt else str(graph.meta.get("model_type", "model")), target.name)
     passes = pass_summaries(report)
     model_facts = _model_facts(graph, ckpt)
     _write(root / "model.py", BACKENDS[target.backend](
         graph, target_name=target.name, device=target.device, backend=target.backend))
+    if target.backend in BACKEND_FILES:
+        for relative, text in BACKEND_FILES[target.backend](graph, target).items():
+            _write(root / relative, text)
     n_bytes = write_weights(graph, root / WEIGHTS_FILE)
     plan = {
         "format_version": 1,
@@ -107,6 +126,8 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
                      "dtype": graph.meta.get("kv_dtype")},  # stored dtype of quantized pages; null: activations
         "graph": format_graph(graph).splitlines(),
     }
+    if speculative is not None:
+        plan["speculative"] = dict(speculative)
     _write(root / "plan.json", json.dumps(plan, indent=1, sort_keys=True, default=_json_default) + "\n")
     if compile_report is not None:
         _write(root / "report.json", json.dumps(without_timings(compile_report), indent=1, sort_keys=True,
@@ -328,5 +349,6 @@ packages = ["{name}", "{name}.runtime"]
 "{name}" = "."
 
 [tool.setuptools.package-data]
-"{name}" = ["*.json", "*.jinja", "*.md", "weights/*.safetensors"]
+"{name}" = ["*.json", "*.jinja", "*.md", "weights/*.safetensors", "kernels/*.py", "draft/*.py", "draft/*.json", "draft/*.jinja",
+            "draft/weights/*.safetensors", "draft/runtime/*.py"]
 '''
