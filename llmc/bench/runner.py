@@ -1,7 +1,7 @@
 """`llmc bench`: one run times llmc and its peers on the same model, requests and machine.
 
-Order of a run: measure memory bandwidth; then per workload, per engine: one warm-up run, then
-``repeats`` timed runs, the median kept. Engines run one after another (never two at once: each
+Order of a run: measure memory bandwidth; then per workload, per engine: one warm-up run (offline:
+on two requests), then ``repeats`` timed runs, the median kept. Engines run one after another (never two at once: each
 would steal the other's cores and memory bandwidth); a peer is loaded only for its turn and freed
 after it. Ratios are llmc over the peer, so >1 means llmc is faster.
 """
@@ -46,9 +46,10 @@ class BenchOptions:
     extra_runs: dict = field(default_factory=dict)
 
 
-def _median_run(fn: Callable, repeats: int):
-    """Warm up once, run ``repeats`` times; the run with the median wall time, and all the times."""
-    fn()
+def _median_run(fn: Callable, repeats: int, warm_up: Callable | None = None):
+    """Warm up once (``warm_up``, else ``fn``), run ``fn`` ``repeats`` times; the run with the median
+    wall time, and all the times."""
+    (warm_up or fn)()
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -168,7 +169,10 @@ def run_bench(subject: BenchSubject, options: BenchOptions, notify: Callable[[st
             engine = llmc if name == "llmc" else _try_peer(name, subject, options, max_len, gguf_type, results)
             if engine is None:
                 continue
-            run, times = _median_run(lambda: engine.offline(requests), options.repeats)
+            # Warm-up on two requests: it is there for first-call allocations and thread pools, and a
+            # full pass of a sequential peer (llama.cpp) would cost as much as the timed runs.
+            run, times = _median_run(lambda: engine.offline(requests), options.repeats,
+                                     warm_up=lambda: engine.offline(requests[:2]))
             rows[name] = {"tokens_per_s": useful / run.seconds, "seconds": run.seconds, "run_seconds": times,
                           "requests_per_s": len(requests) / run.seconds, **run.extra}
             if engine is not llmc:
