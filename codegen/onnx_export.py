@@ -17,8 +17,9 @@ inside the backend: it is an optional dependency of llmc and never of a package.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -221,3 +222,39 @@ def emits(*ops: str):
         return fn
 
     return wrap
+
+
+# ---- from a checkpoint ---------------------------------------------------------------------------
+# Copied beside the .onnx file: an ONNX graph holds no tokenizer, and the ONNX frontend reads these.
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "chat_template.jinja")
+
+
+def export_checkpoint(model_dir: str | Path, out: str | Path, target_name: str = "cpu", *,
+                      overrides: Sequence[str] = (),
+                      external_data_threshold: int | None = EXTERNAL_DATA_THRESHOLD) -> tuple[Path, Graph]:
+    """Import ``model_dir``, run ``target_name``'s pipeline and export the final IR to ``out``; the
+    config and tokenizer files are copied beside it and the config is also kept in the model's
+    ``llmc.config`` metadata. Returns the path and the exported graph."""
+    from llmc.frontend.hf import load_hf
+    from llmc.pipeline import run_pipeline, validate_pipeline
+    from llmc.target import load_target_with_source
+
+    require_onnx()  # before the slow import
+    model_dir, out = Path(model_dir), Path(out)
+    if (model_dir / "plan.json").is_file():
+        raise LlmcError(f"{model_dir} is a compiled package: its IR is not kept in a form llmc reads back; export "
+                        f"from the checkpoint it was compiled from, with the same --target and --set options")
+    target, source = load_target_with_source(target_name, overrides)
+    validate_pipeline(target, source)
+    graph = run_pipeline(load_hf(model_dir).graph, target, source=source).graph
+    metadata = {"llmc.architecture": graph.meta.get("architecture", ""), "llmc.target": target.name,
+                "llmc.passes": " -> ".join(step.name for step in target.pipeline)}
+    if (model_dir / "config.json").is_file():
+        metadata["llmc.config"] = (model_dir / "config.json").read_text(encoding="utf-8")
+    path = export_onnx(graph, out, metadata=metadata, external_data_threshold=external_data_threshold)
+    for name in SIDE_FILES:
+        src, dst = model_dir / name, out.parent / name
+        if src.is_file() and src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+    return path, graph
