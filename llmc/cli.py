@@ -329,6 +329,43 @@ def compile_(
         err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
+@app.command("export-onnx")
+@_reports_user_errors
+def export_onnx(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=MODEL_DIR_HELP),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="ONNX file to write; config.json and the tokenizer files are copied beside it."),
+    target: str = typer.Option("cpu", "--target", "-t",
+                               help="Target whose pass pipeline runs before the export (`cpu`, `h100`, ... or a YAML)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set",
+                                             help="Override a target field or pass option: `a.b=c` (repeatable)."),
+    external_data_threshold: int = typer.Option(
+        1 << 20, "--external-data-threshold", min=0,
+        help="Weights of at least this many bytes go to OUTPUT.data beside the model (ONNX's 2 GiB limit)."),
+) -> None:
+    """Export MODEL_DIR to ONNX (opset 23) after the target's passes, for ONNX Runtime or Netron.
+
+    The graph runs one step of one sequence: inputs `input_ids` and `positions` (int64 [T]) and,
+    per layer L, `past_key_values.L.key/value` [1, kv_heads, P, head_dim]; outputs `logits` [T, vocab]
+    and `present.L.key/value` [1, kv_heads, P + T, head_dim]. Prefill with P = 0, then feed each
+    step's presents back as the next step's pasts. Attention, rotary and RMSNorm are the standard
+    opset-23 ops; `--set quantize.scheme=int4` exports com.microsoft MatMulNBits.
+
+    Example: `llmc export-onnx build/tiny -o build/tiny-onnx/model.onnx --set quantize.scheme=int4`
+
+    `llmc compile build/tiny-onnx/model.onnx --target cpu -o build/pkg` imports it back.
+    """
+    from llmc.codegen.onnx_export import export_checkpoint
+
+    with err.status(f"Exporting {escape(str(model_dir))} to ONNX (import, {escape(target)} passes, export)..."):
+        path, graph = export_checkpoint(model_dir, output, target, overrides=set_ or (),
+                                        external_data_threshold=external_data_threshold)
+    size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
+    _field("wrote", f"{escape(str(path))} ({human_bytes(size)}, opset 23)")
+    _field("nodes", f"{len(graph.nodes)} IR nodes, {len(graph.params)} weights")
+    _field("run it", "onnxruntime.InferenceSession(path).run(None, {input_ids, positions, past_key_values.*})")
+
+
 def _print_compile_report(report: dict) -> None:
     from llmc.quality import report_rows
 

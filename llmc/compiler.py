@@ -63,14 +63,58 @@ def _changed_options(options) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in options.model_dump(exclude_defaults=True).items())
 
 
+SPECULATIVE_METHODS = ("off", "ngram", "draft")
+
+
+def check_draft_tokenizer(model_dir: str | Path, draft_dir: str | Path) -> None:
+    """A draft proposes token ids the model scores, so both must mean the same thing by every id:
+    equal vocab sizes and the same tokenizer (vocabulary, merges, added tokens), else a CheckpointError
+    naming both files."""
+    import json
+
+    from llmc.errors import CheckpointError
+    from llmc.frontend.checkpoint import Checkpoint
+
+    def vocab_size(directory: Path):
+        config = Checkpoint.open(directory).config  # the checkpoint's own checks and errors first
+        return config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+
+    model_dir, draft_dir = Path(model_dir), Path(draft_dir)
+    sizes = vocab_size(model_dir), vocab_size(draft_dir)
+    if sizes[0] != sizes[1]:
+        raise CheckpointError(f"the draft model's vocab_size {sizes[1]} ({draft_dir / 'config.json'}) differs from the "
+                              f"model's {sizes[0]} ({model_dir / 'config.json'}); a draft must share the tokenizer")
+    files = [d / "tokenizer.json" for d in (model_dir, draft_dir)]
+    present = [f.is_file() for f in files]
+    if present == [False, False]:
+        return  # token ids only, on both sides
+    if not all(present):
+        have, lack = (files[0], files[1]) if present[0] else (files[1], files[0])
+        raise CheckpointError(f"the draft model must share the model's tokenizer, but {have} exists and {lack} "
+                              "does not")
+    model_tok, draft_tok = (json.loads(f.read_text(encoding="utf-8")) for f in files)
+    parts = ("model", "added_tokens", "normalizer", "pre_tokenizer")
+    differ = [k for k in parts if model_tok.get(k) != draft_tok.get(k)]
+    if differ:
+        raise CheckpointError(f"the draft model must share the model's tokenizer, but {files[1]} differs from "
+                              f"{files[0]} ({', '.join(differ)})")
+
+
 def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, *,
                   overrides: Sequence[str] = (), dump_ir: str | Path | None = None,
-                  on_event: EventFn | None = None, quality_tokens: int | None = None) -> CompileResult:
+                  on_event: EventFn | None = None, quality_tokens: int | None = None,
+                  draft: str | Path | None = None, speculative: str | None = None,
+                  num_speculative_tokens: int = 4) -> CompileResult:
     """Compile ``model_dir`` for ``target_name`` into ``out_dir``; every error is an LlmcError.
 
     After a lossy pass (quantize, prune, gqa_rewrite) the compiled graph is scored against the
     imported one on ``quality_tokens`` held-out tokens (default ``quality.DEFAULT_TOKENS``; 0 skips), and
-    the mean KL is held to the target's ``quality.max_kl`` when set (``check_quality_bound``)."""
+    the mean KL is held to the target's ``quality.max_kl`` when set (``check_quality_bound``).
+
+    ``draft`` (a checkpoint sharing the tokenizer) is compiled for the same target into the package's
+    ``draft/``, and speculative decoding with it becomes the package's default; ``speculative``
+    ("off", "ngram", "draft") sets that default otherwise, ``num_speculative_tokens`` its most
+    proposals per step (plan.json's ``speculative``; the runtime's flags override it)."""
     from llmc.quality import DEFAULT_TOKENS, compile_report
     from llmc.codegen import emit_package
     from llmc.frontend.hf import load_hf
@@ -81,10 +125,16 @@ def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, 
     seconds: dict[str, float] = {}
     target, source = load_target_with_source(target_name, overrides)
     steps = validate_pipeline(target, source)  # fail on a bad pipeline before the slow import
+    spec = _speculative_plan(model_dir, draft, speculative, num_speculative_tokens)
 
     notify("load", f"importing {model_dir} (torch.export + raising)")
     start = time.perf_counter()
-    imported = load_hf(model_dir)
+    if Path(model_dir).suffix == ".onnx":  # an ONNX decoder graph: config and tokenizer files lie beside it
+        from llmc.frontend.onnx_import import load_onnx
+        imported = load_onnx(model_dir)
+        model_dir = imported.files_dir
+    else:
+        imported = load_hf(model_dir)
     seconds["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -107,10 +157,46 @@ def compile_model(model_dir: str | Path, target_name: str, out_dir: str | Path, 
 
     notify("codegen", f"writing {out_dir} ({target.backend} backend)")
     start = time.perf_counter()
-    key = cache_key(target, model_dir, steps)
+    draft_package = None
+    if draft is not None:
+        notify("load", f"importing the draft model {draft} (torch.export + raising)")
+        draft_report = run_pipeline(load_hf(draft).graph, target, source=source,
+                                    on_event=lambda kind, name, record: notify("pass", f"draft: {name}")
+                                    if kind == "start" else None)
+        draft_package = (draft_report.graph, Path(draft), draft_report.as_dict(timings=False))
+    key = cache_key(target, model_dir, steps, extra=_speculative_identity(spec, draft))
     report_dict = {**report.as_dict(timings=False), "cache_key": key}
     out = emit_package(report.graph, target, out_dir, checkpoint_dir=model_dir, report=report_dict,
-                       compile_report=sizes)
+                       compile_report=sizes, draft=draft_package, speculative=spec)
     seconds["codegen"] = time.perf_counter() - start
     notify("done", str(out))
     return CompileResult(out, report.graph, target, report, key, stage_seconds=seconds, compile_report=sizes)
+
+
+def _speculative_plan(model_dir, draft, method: str | None, k: int) -> dict | None:
+    """plan.json's ``speculative`` entry (None: not asked for), checked before the slow import."""
+    from llmc.errors import LlmcError
+
+    method = method or ("draft" if draft is not None else None)
+    if method is None:
+        return None
+    if method not in SPECULATIVE_METHODS:
+        raise LlmcError(f"--speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
+    if (method == "draft") != (draft is not None):
+        raise LlmcError("--speculative draft needs --draft DRAFT_MODEL" if draft is None else
+                        f"--draft {draft} was given but --speculative is {method!r}; leave it out or say draft")
+    if not isinstance(k, int) or k < 1:
+        raise LlmcError(f"--num-speculative-tokens must be at least 1, got {k!r}")
+    if draft is not None:
+        check_draft_tokenizer(model_dir, draft)
+    entry = {"method": method, "num_speculative_tokens": k}
+    return {**entry, "draft": "draft"} if draft is not None else entry
+
+
+def _speculative_identity(spec: dict | None, draft) -> dict | None:
+    """What the speculative options add to the compile cache key (nothing when none were given)."""
+    if spec is None:
+        return None
+    from llmc.cache import checkpoint_fingerprint
+
+    return {"speculative": spec, **({"draft": checkpoint_fingerprint(draft)} if draft is not None else {})}
