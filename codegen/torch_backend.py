@@ -22,7 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 import llmc
 from llmc.errors import LlmcError
 from llmc.ir import Graph, Node
-from llmc.runtime import functional, paged_attention, quant
+from llmc.runtime import distributed, functional, paged_attention, quant
 
 from .layers import LayerKind, LayerNumber, LayerRun, LayerTable, find_layer_kinds
 
@@ -75,6 +75,12 @@ EMITTERS: dict[str, Emitter] = {
     "linear_fp8": lambda a, k: f"linear_fp8({', '.join(a)})",
     "linear_w8a8": lambda a, k: f"linear_w8a8({', '.join(a)})",
     "linear_24": lambda a, k: f"linear_24({', '.join(a)})",
+    # Collectives of the shard pass: helpers from llmc/runtime/distributed.py (torch.distributed).
+    "all_reduce": _call("tp_all_reduce"),
+    "all_gather": _call("tp_all_gather", "parts"),
+    "vocab_parallel_embedding": _call("vocab_parallel_embedding"),
+    "pp_send": _call("pp_send", "dst", "tag"),
+    "pp_recv": _call("pp_recv", "src", "tag", "features", "dtype"),
 }
 
 
@@ -125,6 +131,11 @@ TEMPLATE_HELPERS = {
     "linear_fp8": (quant.dequantize_fp8, quant.linear_fp8),
     "linear_w8a8": (quant.quantize_per_token_int8, quant.linear_w8a8, quant.linear_w8a8_cpu),
     "linear_24": (quant.decompress_24, quant.linear_24),
+    "all_reduce": (distributed._world, distributed.tp_all_reduce),
+    "all_gather": (distributed._world, distributed.tp_all_gather),
+    "vocab_parallel_embedding": (distributed._world, distributed.vocab_parallel_embedding),
+    "pp_send": (distributed._world, distributed.pp_send),
+    "pp_recv": (distributed._world, distributed.pp_recv),
 }
 # Helper source for ops registered by plugins: op name -> a Python function definition.
 PLUGIN_HELPERS: dict[str, str] = {}

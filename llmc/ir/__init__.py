@@ -3,6 +3,7 @@
 from llmc.ir import ops as _ops  # noqa: F401  (registers the built-in ops)
 from llmc.ir import ops_quant as _ops_quant  # noqa: F401  (quantized and sparse linear ops)
 from llmc.ir import ops_fused as _ops_fused  # noqa: F401  (ops made by the fuse pass)
+from llmc.ir import ops_dist as _ops_dist  # noqa: F401  (collectives made by the shard pass)
 from llmc.ir.graph import Graph, GraphBuilder, Node
 from llmc.ir.interpreter import ContiguousKVCache, ExecutionContext, Interpreter, generate_greedy
 from llmc.ir.opdef import OPS, OpDef, OpRegistry, register_op
