@@ -126,6 +126,9 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
                      "dtype": graph.meta.get("kv_dtype")},  # stored dtype of quantized pages; null: activations
         "graph": format_graph(graph).splitlines(),
     }
+    for key in ("buckets", "memory_plan"):  # from the bucketing and memory_plan passes
+        if key in graph.meta:
+            plan[key] = graph.meta[key]
     if speculative is not None:
         plan["speculative"] = dict(speculative)
     _write(root / "plan.json", json.dumps(plan, indent=1, sort_keys=True, default=_json_default) + "\n")

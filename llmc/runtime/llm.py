@@ -17,10 +17,17 @@ Prompt = str | Sequence[int]
 
 class LLM:
     """A compiled package loaded for batch generation. ``config`` fields: kv_cache_bytes,
-    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_model_len."""
+    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_model_len, and speculative
+    decoding's speculative ("off", "ngram", "draft"), num_speculative_tokens, adaptive_speculation.
 
-    def __init__(self, package_dir: str | Path, device: str | None = None, **config) -> None:
-        self.engine = LLMEngine.from_package(package_dir, device=device, config=EngineConfig(**config))
+    With speculation on, each result's ``speculation`` holds the request's proposals scored and
+    accepted and the target steps it took; ``metrics()`` has the engine's totals (``spec_*``)."""
+
+    def __init__(self, package_dir: str | Path, device: str | None = None, tp: int | None = None,
+                 pp: int | None = None, **config) -> None:
+        from .parallel import load_engine  # tp/pp packages start their worker ranks here
+
+        self.engine = load_engine(package_dir, device=device, config=EngineConfig(**config), tp=tp, pp=pp)
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
