@@ -10,13 +10,16 @@ import stops with an error naming the ONNX node, its op type, its operands and t
 from (the exporter writes it into each node's doc_string).
 
 The graph's inputs are ``input_ids`` and ``positions`` ``[T]`` and per layer
-``past_key_values.{L}.key/value`` (the layout ``codegen/onnx_export.py`` writes); the model's config
+``past_key_values.{L}.key/value`` (the layout ``codegen/onnx_export.py`` writes), or, for a graph
+``torch.onnx.export`` wrote (patterns in ``onnx_torch_patterns.py``), ``input_ids`` ``[1, T]`` and
+optionally ``position_ids`` ``[1, T]``, no KV (positions 0..T-1 unless given); the model's config
 comes from the ``llmc.config`` metadata entry or a ``config.json`` beside the file, and the
 tokenizer files are read from beside it (see README, "ONNX").
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -124,7 +127,7 @@ class OnnxRaiser:
         return self.type_of(act).shape[1]
 
     def emit(self, node, op: str, inputs, **attrs) -> str:
-        meta = {"module": node.doc_string, "onnx_node": node.name, "onnx_op": node.op_type}
+        meta = {"module": module_of(node), "onnx_node": node.name, "onnx_op": node.op_type}
         ref = self.builder.add(op, inputs, meta=meta, **attrs)
         self.ir_nodes[ref] = self.builder.build().nodes[-1]
         return ref
@@ -176,30 +179,32 @@ class OnnxRaiser:
         of ``P`` tokens (the reference evaluator: no onnxruntime needed) and keep every value."""
         from onnx.reference import ReferenceEvaluator
 
-        onnx = require_onnx()
+        onnx, static = require_onnx(), self._static_names()
         helper = onnx.helper
-        static = self._static_names()
         nodes = [n for n in self.model.graph.node if n.output[0] in static]
         outputs = [o for n in nodes for o in n.output]
-        feeds: dict[str, Any] = {"positions": torch.arange(PROBE_PAST, PROBE_PAST + PROBE_TOKENS).numpy()}
-        inputs = [i for i in self.model.graph.input if i.name == "positions" or PAST.match(i.name)]
-        for i in inputs:
-            if i.name != "positions":
-                dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
-                feeds[i.name] = torch.zeros(dims[0], dims[1], PROBE_PAST, dims[3]).numpy()
+        past = PROBE_PAST if any(PAST.match(i.name) for i in self.model.graph.input) else 0  # torch graphs: no KV
+        positions = torch.arange(past, past + PROBE_TOKENS)
+        feeds: dict[str, Any] = {"positions": positions.numpy(), "position_ids": positions[None].numpy(),
+                                 "input_ids": torch.zeros(1, PROBE_TOKENS, dtype=torch.int64).numpy()}
         used = {x for n in nodes for x in n.input}
+        inputs = [i for i in self.model.graph.input if i.name in used]
+        feeds = {i.name: feeds.get(i.name) for i in inputs}
+        for i in (i for i in inputs if PAST.match(i.name)):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            feeds[i.name] = torch.zeros(dims[0], dims[1], PROBE_PAST, dims[3]).numpy()
         graph = helper.make_graph(nodes, "static", list(inputs), [helper.make_value_info(o, onnx.TypeProto())
                                                                   for o in outputs],
                                   initializer=[self.inits[x] for x in used if x in self.inits])
         probe = helper.make_model(graph, opset_imports=self.model.opset_import)
         values = ReferenceEvaluator(probe).run(outputs, feeds)
         result = {name: torch.from_numpy(v.copy()) for name, v in zip(outputs, values)}
-        result["positions"] = torch.from_numpy(feeds["positions"])
+        result["positions"] = positions
         return result
 
     # ---- the walk ----------------------------------------------------------------------------
     def run(self) -> Graph:
-        from llmc.frontend import onnx_patterns
+        from llmc.frontend import onnx_patterns, onnx_torch_patterns  # noqa: F401 (registers its patterns)
 
         for name in self.inits:
             self.env[name] = Init(name)
@@ -209,12 +214,17 @@ class OnnxRaiser:
             if inp.name in ("input_ids", "positions"):
                 self.builder.input(inp.name, TensorType((T,), "int64"))
                 self.env[inp.name] = Static("positions") if inp.name == "positions" else Act("%input_ids")
+                if inp.name == "input_ids" and len(inp.type.tensor_type.shape.dim) == 2:  # torch: [1, T], no KV
+                    self.builder.input("positions", TensorType((T,), "int64"))
+            elif inp.name == "position_ids":
+                self.env[inp.name] = Static(inp.name)
             elif (m := PAST.match(inp.name)):
                 self.env[inp.name] = PastKV(int(m.group(1)), m.group(2))
             else:
                 raise UnsupportedModelError(
                     f"{self.source}: ONNX graph input {inp.name!r} is not one llmc knows; a decoder graph takes "
-                    "input_ids [T], positions [T] and past_key_values.L.key/value (as `llmc export-onnx` writes)")
+                    "input_ids [T], positions [T] and past_key_values.L.key/value (as `llmc export-onnx` writes), "
+                    "or input_ids [1, T] and optionally position_ids [1, T] (torch.onnx.export without KV cache)")
         static = self._static_names()
         for node in self.model.graph.node:
             args = [self.env.get(x) if x else None for x in node.input]
@@ -232,7 +242,8 @@ class OnnxRaiser:
                 self.env[out] = value
         for out in self.model.graph.output:
             value = self.env.get(out.name)
-            if out.name == "logits" and isinstance(value, Act) and not value.batched:
+            logits = out.name == "logits" or len(self.model.graph.output) == 1
+            if logits and isinstance(value, Act) and not value.batched:
                 self.builder.output("logits", value.ref)
             elif not (out.name.startswith("present.") and isinstance(value, Partial) and value.kind == "present"):
                 raise UnsupportedModelError(f"{self.source}: ONNX graph output {out.name!r} is neither logits [T, V] "
@@ -243,24 +254,38 @@ class OnnxRaiser:
     def _static_names(self) -> set[str]:
         """Values computed from positions, KV shapes and constants only: they need no pattern, the
         probe evaluates them."""
-        source = {"positions"} | {i.name for i in self.model.graph.input if PAST.match(i.name)}
+        source = {"positions", "position_ids"} | {i.name for i in self.model.graph.input if PAST.match(i.name)}
         static: set[str] = set()
         for node in self.model.graph.node:
             inputs = [x for x in node.input if x]
             table_lookup = node.op_type == "Gather" and inputs[0] in self.inits  # learned positions: an embedding
-            if node.op_type == "Constant" or (any(x in source or x in static for x in inputs) and not table_lookup and
+            shape_of_ids = node.op_type == "Shape" and inputs == ["input_ids"]  # torch graphs: T from input_ids
+            if node.op_type == "Constant" or shape_of_ids or (any(x in source or x in static for x in inputs) and not table_lookup and
                                               all(x in source or x in static or x in self.inits for x in inputs)):
                 static.update(node.output)
         return static
 
     def _unsupported(self, node, args) -> None:
-        ops = Counter(n.op_type for n in self.model.graph.node if n.doc_string == node.doc_string)
-        module = f" (from module '{node.doc_string}')" if node.doc_string else ""
+        name = module_of(node)
+        ops = Counter(n.op_type for n in self.model.graph.node if module_of(n) == name)
+        module = f" (from module '{name}')" if name else ""
         operands = ", ".join(f"{x or '<none>'}={describe(a)}" for x, a in zip(node.input, args))
         raise UnsupportedModelError(
             f"{self.source}: cannot raise ONNX node '{node.name}'{module} into llmc IR: no pattern matches "
-            f"{node.op_type}({operands}).\nONNX ops {'in this module' if node.doc_string else 'in the graph'}: "
+            f"{node.op_type}({operands}).\nONNX ops {'in this module' if name else 'in the graph'}: "
             f"{', '.join(f'{k} x{v}' for k, v in sorted(ops.items()))}.\nTo support it, {HOW_TO_EXTEND}.")
+
+
+def module_of(node) -> str:
+    """The HF module of a node: llmc writes the doc_string, torch.onnx.export name scopes (wrapper dropped)."""
+    props = {p.key: p.value for p in node.metadata_props}
+    if node.doc_string or "pkg.torch.onnx.name_scopes" not in props:
+        return node.doc_string
+    scopes = ast.literal_eval(props["pkg.torch.onnx.name_scopes"])
+    classes = ast.literal_eval(props.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    root = next((s for s, c in zip(scopes, classes) if c.endswith(("ForCausalLM", "LMHeadModel"))), "")
+    module = scopes[-2] if len(scopes) > 1 else ""
+    return module[len(root) + 1:] if root and module.startswith(root + ".") else module
 
 
 def describe(v: Any) -> str:
