@@ -111,7 +111,8 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
     if target.backend in BACKEND_FILES:
         for relative, text in BACKEND_FILES[target.backend](graph, target).items():
             _write(root / relative, text)
-    n_bytes = write_weights(graph, root / WEIGHTS_FILE)
+    parallel = graph.meta.get("parallel")  # the shard pass: per-rank weights (and stage code)
+    n_bytes, ranks = write_ranks(root, parallel, target) if parallel else (write_weights(graph, root / WEIGHTS_FILE), None)
     plan = {
         "format_version": 1,
         "llmc_version": llmc.__version__,
@@ -126,6 +127,9 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
                      "dtype": graph.meta.get("kv_dtype")},  # stored dtype of quantized pages; null: activations
         "graph": format_graph(graph).splitlines(),
     }
+    if ranks is not None:
+        plan["parallel"] = ranks
+        plan["weights"]["file"] = [rank["weights"] for rank in ranks["ranks"]]
     for key in ("buckets", "memory_plan"):  # from the bucketing and memory_plan passes
         if key in graph.meta:
             plan[key] = graph.meta[key]
@@ -186,6 +190,23 @@ def write_weights(graph: Graph, path: Path) -> int:
     # their order (and the file's bytes) changes from run to run. Provenance is in plan.json.
     save_file(tensors, str(path), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_ranks(root: Path, parallel: Mapping[str, Any], target: Any) -> tuple[int, dict[str, Any]]:
+    """Each rank's weights (``weights/rank<r>.safetensors``) and, for pipeline stages after the first,
+    its model code (``model_rank<r>.py``; tensor-parallel ranks all run model.py). Returns the bytes
+    written and plan.json's ``parallel`` entry, which the runtime's launcher reads."""
+    total, ranks = 0, []
+    for rank, rank_graph in enumerate(parallel["rank_graphs"]):
+        model = "model.py"
+        if parallel["pp"] > 1 and rank > 0:
+            model = f"model_rank{rank}.py"
+            _write(root / model, BACKENDS[target.backend](rank_graph, target_name=target.name, device=target.device,
+                                                          backend=target.backend))
+        weights = f"weights/rank{rank}.safetensors"
+        total += write_weights(rank_graph, root / weights)
+        ranks.append({"model": model, "weights": weights, "kv_layers": rank_graph.meta.get("kv_layers", {})})
+    return total, {"tp": parallel["tp"], "pp": parallel["pp"], "ranks": ranks}
 
 
 def _model_facts(graph: Graph, ckpt: Path | None) -> dict[str, Any]:
@@ -352,6 +373,6 @@ packages = ["{name}", "{name}.runtime"]
 "{name}" = "."
 
 [tool.setuptools.package-data]
-"{name}" = ["*.json", "*.jinja", "*.md", "weights/*.safetensors", "kernels/*.py", "draft/*.py", "draft/*.json", "draft/*.jinja",
+"{name}" = ["*.json", "*.jinja", "*.md", "weights/*.safetensors", "model_rank*.py", "kernels/*.py", "draft/*.py", "draft/*.json", "draft/*.jinja",
             "draft/weights/*.safetensors", "draft/runtime/*.py"]
 '''

@@ -12,5 +12,6 @@ from llmc.passes import gqa_rewrite  # noqa: F401
 from llmc.passes import prune  # noqa: F401
 from llmc.passes import quantize_kv  # noqa: F401
 from llmc.passes import quantize  # noqa: F401
+from llmc.passes import shard  # noqa: F401
 from llmc.passes import bucketing  # noqa: F401
 from llmc.passes import memory_plan  # noqa: F401

@@ -54,7 +54,7 @@ def test_dump_ir_and_set_override(tiny, tmp_path):
                          "--set", "canonicalize.fold_scales=false", "--set", "runtime.kv_page_size=32")
     assert result.exit_code == 0, result.output
     passes = ["canonicalize", "gqa_rewrite", "quantize_kv", "fuse", "prune", "quantize", "attention_lowering",
-              "select_logits", "bucketing", "memory_plan"]
+              "select_logits", "shard", "bucketing", "memory_plan"]
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == [
         "00-input.ir", *(f"{i:02d}-{name}.ir" for i, name in enumerate(passes, 1))]
     plan = json.loads((tmp_path / "pkg" / "plan.json").read_text())
