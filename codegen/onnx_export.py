@@ -17,6 +17,7 @@ inside the backend: it is an optional dependency of llmc and never of a package.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -243,18 +244,66 @@ def export_checkpoint(model_dir: str | Path, out: str | Path, target_name: str =
     require_onnx()  # before the slow import
     model_dir, out = Path(model_dir), Path(out)
     if (model_dir / "plan.json").is_file():
-        raise LlmcError(f"{model_dir} is a compiled package: its IR is not kept in a form llmc reads back; export "
-                        f"from the checkpoint it was compiled from, with the same --target and --set options")
+        raise LlmcError(f"{model_dir} is a compiled package: export it with export_package (its target's passes "
+                        f"already ran), or give the checkpoint it was compiled from")
     target, source = load_target_with_source(target_name, overrides)
     validate_pipeline(target, source)
     graph = run_pipeline(load_hf(model_dir).graph, target, source=source).graph
-    metadata = {"llmc.architecture": graph.meta.get("architecture", ""), "llmc.target": target.name,
-                "llmc.passes": " -> ".join(step.name for step in target.pipeline)}
-    if (model_dir / "config.json").is_file():
-        metadata["llmc.config"] = (model_dir / "config.json").read_text(encoding="utf-8")
+    passes = [step.name for step in target.pipeline]
+    return _export_with_side_files(graph, model_dir, out, target.name, passes, external_data_threshold), graph
+
+
+def _export_with_side_files(graph: Graph, source_dir: Path, out: Path, target_name: str, passes: Sequence[str],
+                            external_data_threshold: int | None) -> Path:
+    """Export ``graph`` with the same metadata and side files whether it came from a checkpoint or a
+    package, so both routes give the same model."""
+    metadata = {"llmc.architecture": graph.meta.get("architecture", ""), "llmc.target": target_name,
+                "llmc.passes": " -> ".join(passes)}
+    if (source_dir / "config.json").is_file():
+        metadata["llmc.config"] = (source_dir / "config.json").read_text(encoding="utf-8")
     path = export_onnx(graph, out, metadata=metadata, external_data_threshold=external_data_threshold)
     for name in SIDE_FILES:
-        src, dst = model_dir / name, out.parent / name
+        src, dst = source_dir / name, out.parent / name
         if src.is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
+    return path
+
+
+# ---- from a compiled package ---------------------------------------------------------------------
+IR_FILE = "ir.json"                    # codegen/package.py writes it (llmc/ir/serialize.py's form)
+WEIGHTS_FILE = "weights/model.safetensors"
+
+
+def load_package_graph(package_dir: str | Path) -> tuple[Graph, dict[str, Any]]:
+    """The final IR of a compiled package (exact, params read lazily from its weights) and its plan."""
+    from llmc.ir.serialize import load_ir_file
+
+    package_dir = Path(package_dir)
+    plan_path = package_dir / "plan.json"
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LlmcError(f"{plan_path}: cannot read the package plan ({exc})") from None
+    if not (package_dir / IR_FILE).is_file():
+        raise LlmcError(f"{package_dir} has no {IR_FILE}: it was compiled by an llmc that did not keep the IR "
+                        f"in a readable form (llmc {plan.get('llmc_version', '?')}); recompile it with "
+                        f"`llmc compile CHECKPOINT -o {package_dir}` and export again")
+    if "parallel" in plan:
+        raise LlmcError(f"{package_dir} is sharded (tp={plan['parallel'].get('tp')}, pp={plan['parallel'].get('pp')}): "
+                        f"its weights are split per rank and ONNX holds one graph; export a package compiled "
+                        f"without shard.tp/shard.pp")
+    return load_ir_file(package_dir / IR_FILE, package_dir / WEIGHTS_FILE), plan
+
+
+def export_package(package_dir: str | Path, out: str | Path, *,
+                   external_data_threshold: int | None = EXTERNAL_DATA_THRESHOLD) -> tuple[Path, Graph]:
+    """Export a compiled package's final IR (its ``ir.json`` and weights) to ``out``: the same model as
+    ``export_checkpoint`` of its checkpoint with its target and options. Returns the path and graph."""
+    require_onnx()
+    package_dir = Path(package_dir)
+    graph, plan = load_package_graph(package_dir)
+    target = plan.get("target", {})
+    passes = [step.get("pass", "?") for step in target.get("pipeline", [])]
+    path = _export_with_side_files(graph, package_dir, Path(out), str(target.get("name", "?")), passes,
+                                   external_data_threshold)
     return path, graph

@@ -4,6 +4,7 @@
     kernels/*.py                triton backend: the rendered Triton kernel modules model.py loads
     weights/model.safetensors   every graph param by IR name
     plan.json                   IR text, target, passes; model facts the runtime needs
+    ir.json                     the final IR, exact (llmc/ir/serialize.py): `llmc export-onnx PKG` reads it
     report.json                 bytes per param group before/after passes, KV bytes per token,
                                 and after lossy passes the quality cost (llmc/quality.py)
     runtime/                    copy of llmc/runtime (imports no llmc)
@@ -33,16 +34,19 @@ import torch
 import llmc
 from llmc.errors import LlmcError
 from llmc.ir import Graph, format_graph, verify
+from llmc.ir.serialize import dumps as ir_dumps
 
 from . import triton_backend
 from .torch_backend import render_model
 
 WEIGHTS_FILE = "weights/model.safetensors"
+IR_FILE = "ir.json"
 DRAFT_DIR = "draft"  # the draft model's package inside the package (runtime/engine.py reads the same name)
 # Copied byte for byte from the checkpoint when present: what the runtime tokenizer and stop
 # tokens read (chat_template.jinja is where transformers >= 4.43 saves a chat template), and the
 # train/held-out file list `python PKG eval` scores (split.json, see runtime/evaluate.py).
-CHECKPOINT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+# config.json travels too: `llmc export-onnx PKG` keeps it beside the .onnx and in its metadata.
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "generation_config.json", "chat_template.jinja", "split.json")
 # Report keys that hold wall-clock times: they differ run to run, so they stay out of the package.
 TIMING_KEYS = re.compile(r"^(seconds|time|timestamp|elapsed|duration)$|_(seconds|time|ms)$")
@@ -135,6 +139,8 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
             plan[key] = graph.meta[key]
     if speculative is not None:
         plan["speculative"] = dict(speculative)
+    # "source" is the checkpoint's absolute path: it would make the package depend on where it was built.
+    _write(root / IR_FILE, ir_dumps(graph, drop_meta=("source",)))
     _write(root / "plan.json", json.dumps(plan, indent=1, sort_keys=True, default=_json_default) + "\n")
     if compile_report is not None:
         _write(root / "report.json", json.dumps(without_timings(compile_report), indent=1, sort_keys=True,

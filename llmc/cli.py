@@ -332,18 +332,20 @@ def compile_(
 @app.command("export-onnx")
 @_reports_user_errors
 def export_onnx(
-    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help=MODEL_DIR_HELP),
+    model_dir: Path = typer.Argument(..., metavar="MODEL_OR_PACKAGE",
+                                     help=MODEL_DIR_HELP + " Or a package from `llmc compile` (exported as compiled)."),
     output: Path = typer.Option(..., "--output", "-o",
                                 help="ONNX file to write; config.json and the tokenizer files are copied beside it."),
-    target: str = typer.Option("cpu", "--target", "-t",
-                               help="Target whose pass pipeline runs before the export (`cpu`, `h100`, ... or a YAML)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", show_default="cpu",
+                                         help="Target whose pass pipeline runs before the export (`cpu`, `h100`, ... "
+                                              "or a YAML); checkpoints only."),
     set_: Optional[list[str]] = typer.Option(None, "--set",
                                              help="Override a target field or pass option: `a.b=c` (repeatable)."),
     external_data_threshold: int = typer.Option(
         1 << 20, "--external-data-threshold", min=0,
         help="Weights of at least this many bytes go to OUTPUT.data beside the model (ONNX's 2 GiB limit)."),
 ) -> None:
-    """Export MODEL_DIR to ONNX (opset 23) after the target's passes, for ONNX Runtime or Netron.
+    """Export a checkpoint (after the target's passes) or a compiled package to ONNX (opset 23).
 
     The graph runs one step of one sequence: inputs `input_ids` and `positions` (int64 [T]) and,
     per layer L, `past_key_values.L.key/value` [1, kv_heads, P, head_dim]; outputs `logits` [T, vocab]
@@ -353,13 +355,22 @@ def export_onnx(
 
     Example: `llmc export-onnx build/tiny -o build/tiny-onnx/model.onnx --set quantize.scheme=int4`
 
-    `llmc compile build/tiny-onnx/model.onnx --target cpu -o build/pkg` imports it back.
+    `llmc compile build/tiny-onnx/model.onnx --target cpu -o build/pkg` imports it back, and
+    `llmc export-onnx build/pkg -o pkg.onnx` exports that package as it was compiled (its ir.json).
     """
-    from llmc.codegen.onnx_export import export_checkpoint
+    from llmc.codegen.onnx_export import export_checkpoint, export_package
 
-    with err.status(f"Exporting {escape(str(model_dir))} to ONNX (import, {escape(target)} passes, export)..."):
-        path, graph = export_checkpoint(model_dir, output, target, overrides=set_ or (),
-                                        external_data_threshold=external_data_threshold)
+    if (model_dir / "plan.json").is_file():  # a compiled package: export its final IR as it is
+        if target is not None or set_:
+            raise LlmcError(f"{model_dir} is a compiled package, already compiled for its target; --target and "
+                            f"--set apply only when exporting a checkpoint (recompile to change them)")
+        with err.status(f"Exporting package {escape(str(model_dir))} to ONNX..."):
+            path, graph = export_package(model_dir, output, external_data_threshold=external_data_threshold)
+    else:
+        target = target or "cpu"
+        with err.status(f"Exporting {escape(str(model_dir))} to ONNX (import, {escape(target)} passes, export)..."):
+            path, graph = export_checkpoint(model_dir, output, target, overrides=set_ or (),
+                                            external_data_threshold=external_data_threshold)
     size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.is_file())
     _field("wrote", f"{escape(str(path))} ({human_bytes(size)}, opset 23)")
     _field("nodes", f"{len(graph.nodes)} IR nodes, {len(graph.params)} weights")
