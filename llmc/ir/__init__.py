@@ -8,9 +8,10 @@ from llmc.ir.graph import Graph, GraphBuilder, Node
 from llmc.ir.interpreter import ContiguousKVCache, ExecutionContext, Interpreter, generate_greedy
 from llmc.ir.opdef import OPS, OpDef, OpRegistry, register_op
 from llmc.ir.printer import format_graph
+from llmc.ir.serialize import graph_from_json, graph_to_json
 from llmc.ir.types import T, Param, TensorType
 from llmc.ir.verifier import verify
 
 __all__ = ["Graph", "GraphBuilder", "Node", "ContiguousKVCache", "ExecutionContext", "Interpreter",
-           "generate_greedy", "OPS", "OpDef", "OpRegistry", "register_op", "format_graph", "T", "Param",
-           "TensorType", "verify"]
+           "generate_greedy", "OPS", "OpDef", "OpRegistry", "register_op", "format_graph", "graph_from_json",
+           "graph_to_json", "T", "Param", "TensorType", "verify"]
