@@ -152,6 +152,8 @@ def run_bench(subject: BenchSubject, options: BenchOptions, notify: Callable[[st
             if name == "llmc":
                 rows[name]["roofline"] = bytes_per_token / run.tpot / bandwidth
                 rows[name]["bytes_per_token"] = bytes_per_token
+            notify(f"  {name}: {1 / run.tpot:.1f} tokens/s, TTFT {run.ttft * 1e3:.0f} ms, "
+                   f"{run.tpot * 1e3:.1f} ms/token (runs: {times} s)")
             if engine is not llmc:
                 del engine
                 gc.collect()
@@ -175,6 +177,7 @@ def run_bench(subject: BenchSubject, options: BenchOptions, notify: Callable[[st
                                      warm_up=lambda: engine.offline(requests[:2]))
             rows[name] = {"tokens_per_s": useful / run.seconds, "seconds": run.seconds, "run_seconds": times,
                           "requests_per_s": len(requests) / run.seconds, **run.extra}
+            notify(f"  {name}: {useful / run.seconds:.1f} tokens/s (runs: {times} s)")
             if engine is not llmc:
                 del engine
                 gc.collect()
