@@ -68,8 +68,10 @@ SPECULATIVE_METHODS = ("off", "ngram", "draft")
 
 def check_draft_tokenizer(model_dir: str | Path, draft_dir: str | Path) -> None:
     """A draft proposes token ids the model scores, so both must mean the same thing by every id:
-    equal vocab sizes and the same tokenizer (vocabulary, merges, added tokens), else a CheckpointError
-    naming both files."""
+    equal vocab sizes and the same tokenizer.json vocabulary (its ``model``: vocab and merges) and
+    added tokens, else a CheckpointError naming both files. Unlike ``llmc eval --reference``, which
+    compares the files byte for byte, settings that never change an id's meaning (formatting,
+    truncation, padding, normalizer) may differ: the draft only ever sees the model's ids."""
     import json
 
     from llmc.errors import CheckpointError
@@ -93,7 +95,7 @@ def check_draft_tokenizer(model_dir: str | Path, draft_dir: str | Path) -> None:
         raise CheckpointError(f"the draft model must share the model's tokenizer, but {have} exists and {lack} "
                               "does not")
     model_tok, draft_tok = (json.loads(f.read_text(encoding="utf-8")) for f in files)
-    parts = ("model", "added_tokens", "normalizer", "pre_tokenizer")
+    parts = ("model", "added_tokens")
     differ = [k for k in parts if model_tok.get(k) != draft_tok.get(k)]
     if differ:
         raise CheckpointError(f"the draft model must share the model's tokenizer, but {files[1]} differs from "

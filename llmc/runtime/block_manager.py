@@ -149,6 +149,16 @@ class KVBlockManager:
         table.blocks.clear()
         table.hashes.clear()
 
+    def truncate(self, table: BlockTable, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` tokens: the slots of speculative tokens
+        that verification rejected. Those blocks were never registered in the prefix cache (only
+        blocks full of a sequence's known tokens are), so nothing cached points at rejected k/v."""
+        keep = self.blocks_needed(num_tokens)
+        assert len(table.hashes) <= keep, "a block past the sequence's tokens was registered in the prefix cache"
+        for block in reversed(table.blocks[keep:]):
+            self._release(block)
+        del table.blocks[keep:]
+
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

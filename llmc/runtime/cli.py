@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import evaluate
-from .engine import Engine, PackageError, RequestError, read_plan
+from .engine import Engine, EngineConfig, PackageError, RequestError, read_plan
 from .sampler import SamplingError
 from .tokenizer import PackageTokenizer, TokenizerError
 
@@ -21,6 +21,7 @@ USER_ERRORS = (PackageError, RequestError, SamplingError, TokenizerError, evalua
 EPILOG = """examples:
   python PKG generate --prompt "Once upon a time" --max-tokens 32
   python PKG generate --tokens 1,2,3 --max-tokens 8 --temperature 0.8 --top-p 0.9 --seed 0
+  python PKG generate --prompt "def main():" --speculative ngram --num-speculative-tokens 4
   python PKG eval --tokens 4096 --json eval.json
   python PKG serve --port 8000     (OpenAI-compatible server; see python PKG serve --help)
   python PKG info"""
@@ -51,6 +52,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="Wrap the prompt in the model's chat template.")
     gen.add_argument("--ignore-eos", action="store_true", help="Do not stop at the end-of-sequence token.")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [the target's device].")
+    add_speculative_arguments(gen)
     commands.add_parser("info", help="Print the target, model and passes this package was compiled with.")
     ev = commands.add_parser("eval", help="Perplexity on the held-out files named by split.json, vs a unigram "
                                           "baseline (and KL / top-1 agreement with --reference PKG).")
@@ -72,6 +74,16 @@ SERVE_EPILOG = """examples:
 routes: POST /v1/completions, POST /v1/chat/completions (both stream with "stream": true),
 GET /v1/models, GET /health (never needs the key), GET /metrics (Prometheus).
 SIGTERM or Ctrl-C stops accepting, lets running requests finish (--drain-timeout) and exits 0."""
+
+
+def add_speculative_arguments(parser) -> None:
+    parser.add_argument("--speculative", choices=("off", "ngram", "draft"), default=None,
+                        help="Speculative decoding: off, ngram (prompt lookup) or draft (the package's draft "
+                             "model); the same tokens as plain decoding, in fewer steps [the package's choice, "
+                             "else off].")
+    parser.add_argument("--num-speculative-tokens", type=_count(1), default=None,
+                        help="Most tokens proposed per sequence and step; fewer are proposed when they are "
+                             "rarely accepted or the batch is large [the package's choice, else 4].")
 
 
 def _count(minimum: int):
@@ -136,6 +148,7 @@ def add_serve_parser(commands) -> None:
                         help="Token budget of one step (prefill chunks + decodes) [the target's default].")
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="Do not reuse the KV pages of prompt prefixes seen before.")
+    add_speculative_arguments(engine)
     engine.add_argument("--threads", type=_count(1), default=None,
                         help="CPU threads torch computes with [torch's default: one per core]. On a "
                              "machine shared with other busy processes, 1 avoids threads waiting on "
@@ -167,7 +180,8 @@ def generate(args, package_dir: Path) -> None:
         if args.chat:
             raise PackageError("--chat needs --prompt text")
         ids = parse_ids(args.tokens)
-    engine = Engine.from_package(package_dir, device=args.device)
+    engine = Engine.from_package(package_dir, device=args.device, config=EngineConfig(
+        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens))
     new = engine.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     if args.prompt is None:
@@ -186,6 +200,10 @@ def info(package_dir: Path) -> None:
     print(f"target      {target.get('name', '?')} ({target.get('device', '?')}, {target.get('backend', '?')} backend)")
     passes = [p.get("name", "?") for p in plan.get("passes", [])]
     print(f"passes      {', '.join(passes) if passes else '(none)'}")
+    spec = plan.get("speculative")
+    if spec:
+        print(f"speculative {spec.get('method')}, up to {spec.get('num_speculative_tokens')} tokens"
+              + (f" (draft model in {spec['draft']}/)" if spec.get("draft") else ""))
     print(f"llmc        {plan.get('llmc_version', '?')}")
 
 
@@ -200,7 +218,7 @@ def serve(args, package_dir: Path) -> int:
     """Load the engine and serve it until SIGTERM/SIGINT (``server.py`` holds the HTTP side)."""
     import os
 
-    from .engine import EngineConfig, LLMEngine
+    from .engine import LLMEngine
 
     if args.api_key is not None and not args.api_key.strip():
         # Most likely --api-key "$KEY" with KEY unset: serving without a key is not what was asked.
@@ -216,7 +234,8 @@ def serve(args, package_dir: Path) -> int:
         torch.set_num_threads(args.threads)
     config = EngineConfig(kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching)
+                          enable_prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
+                          num_speculative_tokens=args.num_speculative_tokens)
     engine = LLMEngine.from_package(package_dir, device=args.device, config=config)
     return run_server(engine, host=args.host, port=args.port,
                       api_key=args.api_key or os.environ.get("LLMC_API_KEY") or None,

@@ -11,6 +11,10 @@ A package directory holds ``model.py`` (``forward(weights, input_ids, positions,
 3. each sequence whose known tokens are now all computed samples its next token from its last row
    (``sampler.py``), detokenizes it incrementally and checks its stop conditions.
 
+With speculative decoding on (``speculative.py``), decoding sequences first get proposals, run them
+with their pending token as one chunk, and keep the verified prefix plus one token; the rest is
+rolled back.
+
 The engine is single-threaded: the server drives it from one thread (``async_engine.py``).
 """
 
@@ -28,13 +32,16 @@ import torch
 
 from .block_manager import BlockTable, KVBlockManager
 from .detokenizer import IncrementalDetokenizer
-from .paged_attention import KVPool, PagedStep, sequence_step, slot_mapping
+from .paged_attention import KVPool, batch_step, sequence_step
 from .sampler import SamplingParams, SequenceSampler, sample
 from .scheduler import Scheduler
 from .scheduler import Sequence as SequenceState
+from .speculative import (DraftProposer, NgramProposer, SpecState, SpeculationStats, SpeculativeConfig,
+                          Speculator)
 from .tokenizer import PackageTokenizer
 
 WEIGHTS_FILE = "weights/model.safetensors"
+DRAFT_DIR = "draft"  # the draft model's own package inside a package compiled with --draft
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1, torch.float8_e4m3fn: 1}
 
 
@@ -74,6 +81,55 @@ def load_model_module(path: Path) -> types.ModuleType:
     return module
 
 
+def load_model(package_dir: Path, device: torch.device) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """A package's ``(forward, weights)``, the weights on ``device`` in their load-time layouts."""
+    from safetensors.torch import load_file
+
+    module = load_model_module(package_dir / "model.py")
+    weights_path = package_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise PackageError(f"{weights_path} not found: the package is incomplete; compile it again")
+    weights = load_file(str(weights_path), device=str(device))
+    if hasattr(module, "prepare_weights"):  # load-time layouts (packed int4, expanded fp8/2:4)
+        weights = module.prepare_weights(weights)
+    return module.forward, weights
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a package's KV pool looks like: page size, per-layer shapes, activation and page dtypes."""
+
+    block_size: int
+    layer_shapes: dict[int, tuple]
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, plan: dict, weights: dict[str, torch.Tensor]) -> "KVLayout":
+        runtime, kv = plan.get("target", {}).get("runtime", {}), plan.get("kv_cache", {})
+        layer_shapes = {int(k): tuple(v) for k, v in kv.get("layers", {}).items()}
+        if not layer_shapes:
+            raise PackageError("plan.json records no paged attention layers (kv_cache.layers): the package was "
+                               "compiled without the attention_lowering pass; compile it again")
+        # The activations' dtype: that of the largest floating weight (quantized packages also hold
+        # float scales and fp8 storage, which are not what the model computes in).
+        floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
+        dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
+        # Pages are stored in the activations' dtype unless the graph quantizes them (quantize_kv
+        # writes int8 / float8_e4m3fn into plan.json): a quarter of float32's bytes buys 4x the pages.
+        kv_dtype = kv.get("dtype")
+        if kv_dtype and not isinstance(getattr(torch, kv_dtype, None), torch.dtype):
+            raise PackageError(f"plan.json: kv_cache.dtype {kv_dtype!r} is not a torch dtype; compile it again")
+        return cls(int(kv.get("page_size") or runtime.get("kv_page_size") or 16), layer_shapes, dtype,
+                   getattr(torch, kv_dtype) if kv_dtype else dtype)
+
+    def bytes_per_block(self) -> int:
+        return KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.kv_dtype, 4))
+
+    def pool(self, num_blocks: int, device: torch.device) -> KVPool:
+        return KVPool(num_blocks, self.block_size, self.kv_dtype, device, self.layer_shapes)
+
+
 def resolve_device(requested: str | None, plan: dict) -> torch.device:
     """The device asked for, else the target's; a CUDA package on a machine without CUDA is an error."""
     name = requested or plan.get("target", {}).get("device", "cpu")
@@ -98,6 +154,22 @@ def stop_ids(package_dir: Path, tokenizer: PackageTokenizer | None) -> tuple[int
     return () if eos is None else (eos,)
 
 
+def _speculative_method(plan: dict, config: "EngineConfig") -> str:
+    return config.speculative or plan.get("speculative", {}).get("method") or "off"
+
+
+def _saturation_tokens(plan: dict, dtype: torch.dtype) -> float:
+    """Batched tokens at which a step's compute time equals the time to read its weights once: the
+    target's roofline ridge point, peak FLOP/s x bytes per weight / (2 FLOP per weight x bandwidth).
+    64 when plan.json's target does not say (speculative.speculation_length uses it)."""
+    target = plan.get("target", {})
+    flops = target.get("peak_flops", {}).get(str(dtype).replace("torch.", ""))
+    bandwidth = target.get("memory_bandwidth_bytes_per_s")
+    if not flops or not bandwidth:
+        return 64.0
+    return max(1.0, flops * DTYPE_BYTES.get(dtype, 4) / (2 * bandwidth))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime limits; ``None`` takes the target's default from plan.json."""
@@ -107,6 +179,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    speculative: str | None = None             # "off" | "ngram" | "draft"; None: the package's choice
+    num_speculative_tokens: int | None = None  # most proposals per sequence and step
+    adaptive_speculation: bool = True          # False: always propose num_speculative_tokens
 
 
 @dataclass
@@ -129,6 +204,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None          # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked
+    speculation: SpeculationStats | None = None  # proposals scored / accepted so far; None: speculation off
 
 
 @dataclass
@@ -138,6 +214,7 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer | None
     stop_ids: frozenset[int]
     forks: list[tuple[str, SamplingParams]] = field(default_factory=list)  # samples still to fork off
+    spec: SpecState | None = None  # speculative decoding's per-sequence state, when it is on
 
 
 class LLMEngine:
@@ -145,11 +222,12 @@ class LLMEngine:
 
     def __init__(self, forward: Callable, weights: dict[str, torch.Tensor], plan: dict, *,
                  device: torch.device, tokenizer: PackageTokenizer | None = None,
-                 eos_ids: Sequence[int] = (), config: EngineConfig | None = None, model_name: str = "model"):
+                 eos_ids: Sequence[int] = (), config: EngineConfig | None = None, model_name: str = "model",
+                 draft: tuple[Callable, dict[str, torch.Tensor], dict] | None = None):
+        """``draft``: the draft model's ``(forward, weights, plan)`` for speculative decoding with one."""
         config = config or EngineConfig()
         runtime = plan.get("target", {}).get("runtime", {})
         model = plan.get("model", {})
-        kv = plan.get("kv_cache", {})
         self.forward = forward
         self.weights = weights
         self.device = device
@@ -159,30 +237,21 @@ class LLMEngine:
         self.vocab_size = model.get("vocab_size")
         positions = model.get("max_positions") or 2048
         self.max_model_len = min(config.max_model_len or positions, positions)
-        self.block_size = int(kv.get("page_size") or runtime.get("kv_page_size") or 16)
-        self.layer_shapes = {int(k): tuple(v) for k, v in kv.get("layers", {}).items()}
-        if not self.layer_shapes:
-            raise PackageError("plan.json records no paged attention layers (kv_cache.layers): the package was "
-                               "compiled without the attention_lowering pass; compile it again")
-        # The activations' dtype: that of the largest floating weight (quantized packages also hold
-        # float scales and fp8 storage, which are not what the model computes in).
-        floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
-        self.dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
-        # Pages are stored in the activations' dtype unless the graph quantizes them (quantize_kv
-        # writes int8 / float8_e4m3fn into plan.json): a quarter of float32's bytes buys 4x the pages.
-        kv_dtype = kv.get("dtype")
-        if kv_dtype and not isinstance(getattr(torch, kv_dtype, None), torch.dtype):
-            raise PackageError(f"plan.json: kv_cache.dtype {kv_dtype!r} is not a torch dtype; compile it again")
-        self.kv_dtype = getattr(torch, kv_dtype) if kv_dtype else self.dtype
+        layout = KVLayout.of(plan, weights)
+        self.block_size, self.layer_shapes = layout.block_size, layout.layer_shapes
+        self.dtype, self.kv_dtype = layout.dtype, layout.kv_dtype
         kv_bytes = config.kv_cache_bytes or runtime.get("kv_cache_bytes") or 256 * 2**20
-        per_block = KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.kv_dtype, 4))
+        per_block = layout.bytes_per_block()
         num_blocks = kv_bytes // per_block
         if num_blocks < 1:
             raise PackageError(f"--kv-cache-bytes {kv_bytes} is less than one KV page ({per_block} bytes)")
-        self.pool = KVPool(num_blocks, self.block_size, self.kv_dtype, device, self.layer_shapes)
+        self.pool = layout.pool(num_blocks, device)
         self.blocks = KVBlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs or runtime.get("max_num_seqs") or 8,
-                                   config.max_num_batched_tokens or runtime.get("max_num_batched_tokens") or 512)
+        max_num_seqs = config.max_num_seqs or runtime.get("max_num_seqs") or 8
+        self.speculator = self._speculator(plan, config, draft, max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs,
+                                   config.max_num_batched_tokens or runtime.get("max_num_batched_tokens") or 512,
+                                   on_free=self.speculator.release if self.speculator else None)
         self.kv_cache_bytes = num_blocks * per_block
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -191,22 +260,52 @@ class LLMEngine:
     @classmethod
     def from_package(cls, package_dir: str | Path, device: str | None = None,
                      config: EngineConfig | None = None) -> "LLMEngine":
-        from safetensors.torch import load_file
-
         package_dir = Path(package_dir)
         plan = read_plan(package_dir)
         dev = resolve_device(device, plan)
-        module = load_model_module(package_dir / "model.py")
-        weights_path = package_dir / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise PackageError(f"{weights_path} not found: the package is incomplete; compile it again")
-        weights = load_file(str(weights_path), device=str(dev))
-        if hasattr(module, "prepare_weights"):  # load-time layouts (packed int4, expanded fp8/2:4)
-            weights = module.prepare_weights(weights)
+        forward, weights = load_model(package_dir, dev)
+        draft = None
+        if _speculative_method(plan, config or EngineConfig()) == "draft":
+            draft_dir = package_dir / plan.get("speculative", {}).get("draft", DRAFT_DIR)
+            if not (draft_dir / "plan.json").is_file():
+                raise PackageError(f"speculative decoding with a draft model: {package_dir} has no draft model "
+                                   f"({draft_dir} is missing); compile it with llmc compile MODEL --draft "
+                                   "DRAFT_MODEL, or use --speculative ngram")
+            draft = (*load_model(draft_dir, dev), read_plan(draft_dir))
         tokenizer = PackageTokenizer.from_dir(package_dir)
-        return cls(module.forward, weights, plan, device=dev, tokenizer=tokenizer,
+        return cls(forward, weights, plan, device=dev, tokenizer=tokenizer,
                    eos_ids=stop_ids(package_dir, tokenizer), config=config,
-                   model_name=plan.get("package") or package_dir.resolve().name)
+                   model_name=plan.get("package") or package_dir.resolve().name, draft=draft)
+
+    def _speculator(self, plan: dict, config: EngineConfig, draft, max_num_seqs: int) -> Speculator | None:
+        """The speculative decoding the config (else plan.json's ``speculative``) asks for; None when off."""
+        chosen = plan.get("speculative", {})
+        method = _speculative_method(plan, config)
+        if method == "off":
+            return None
+        k = config.num_speculative_tokens or chosen.get("num_speculative_tokens") or 4
+        try:
+            options = SpeculativeConfig(method, k, config.adaptive_speculation,
+                                        saturation_tokens=_saturation_tokens(plan, self.dtype))
+        except ValueError as exc:
+            raise PackageError(str(exc)) from None
+        if method == "ngram":
+            return Speculator(options, NgramProposer(options.ngram_max, options.ngram_min))
+        if draft is None:
+            raise PackageError("speculative decoding with a draft model needs the draft's (forward, weights, plan)")
+        draft_forward, draft_weights, draft_plan = draft
+        if draft_plan.get("model", {}).get("vocab_size") != self.vocab_size:
+            raise PackageError(f"the draft model's vocabulary ({draft_plan.get('model', {}).get('vocab_size')}) "
+                               f"differs from the model's ({self.vocab_size}); compile it again with a draft "
+                               "that shares the tokenizer")
+        layout = KVLayout.of(draft_plan, draft_weights)
+        # Room for every token the target's pool holds, plus k proposals and a partial page per sequence.
+        tokens = self.blocks.num_blocks * self.block_size + max_num_seqs * (k + layout.block_size)
+        pool = layout.pool(-(-tokens // layout.block_size), self.device)
+        size = lambda w: sum(t.numel() * t.element_size() for t in w.values())  # noqa: E731
+        options = dataclasses.replace(options, draft_cost=size(draft_weights) / size(self.weights))
+        draft_len = draft_plan.get("model", {}).get("max_positions") or self.max_model_len
+        return Speculator(options, DraftProposer(draft_forward, draft_weights, pool, draft_len))
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -240,7 +339,7 @@ class LLMEngine:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, stop=params.stop)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
         return _RequestState(params, SequenceSampler(params, prompt, self.device), detokenizer, stops,
-                             forks=list(forks))
+                             forks=list(forks), spec=SpecState() if self.speculator else None)
 
     def _check_request(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -283,40 +382,55 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward over the batch, sample; the outputs of requests that advanced."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         self.pool.copy_blocks(self.blocks.take_copies())
-        ids, positions, starts, seq_lens = [], [], [0], []
+        # A sequence whose known tokens are all computed after this step samples its next token from
+        # its last row, or with proposals verifies them on its last k + 1 rows; the graph's
+        # select_rows computes the LM head for those rows only.
+        chunks, rows, ready, end = [], [], [], 0
         for seq, n in zip(batch.seqs, batch.num_new):
-            lo, hi = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.token_ids[lo:hi])
-            positions.extend(range(lo, hi))
-            starts.append(starts[-1] + n)
-            seq_lens.append(hi)
-        width = max(len(seq.table.blocks) for seq in batch.seqs)
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        tables = as_tensor([seq.table.blocks + [0] * (width - len(seq.table.blocks)) for seq in batch.seqs])
-        positions = as_tensor(positions)
-        token_rows = torch.repeat_interleave(torch.arange(len(batch), device=self.device), as_tensor(batch.num_new))
-        slots = slot_mapping(tables, token_rows, positions, self.block_size)
-        # A sequence whose known tokens are all computed after this step samples its next token
-        # from its last row; the graph's select_rows computes the LM head for those rows only.
-        ready = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new))
-                 if seq.num_computed + n == seq.num_tokens]
-        rows = as_tensor([starts[i + 1] - 1 for i in ready])
-        kv = PagedStep(self.pool, slots, tables, as_tensor(seq_lens), starts, batch.num_decodes, rows)
-        logits = self.forward(self.weights, as_tensor(ids), positions, kv)["logits"]
+            lo, spec = seq.num_computed, len(seq.spec_token_ids)
+            # the scheduler keeps proposals only when all known tokens run too: n == known + spec
+            chunks.append((seq.token_ids[lo:lo + n] + seq.spec_token_ids, lo, seq.table.blocks))
+            end += n
+            if lo + n == seq.num_tokens + spec:
+                ready.append(seq)
+                rows.extend(range(end - 1 - spec, end))
+        ids, positions, kv = batch_step(self.pool, chunks, rows)
+        logits = self.forward(self.weights, ids, positions, kv)["logits"]
         if len(logits) != len(rows):  # a graph without select_rows returns every row
             logits = logits[rows]
         for seq, n in zip(batch.seqs, batch.num_new):
             self.prompt_tokens += max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
             seq.num_computed += n
-        ready = [batch.seqs[i] for i in ready]
         logits = logits.float()
-        ready, logits = self._fork_ready(ready, logits)
-        results = sample(logits, [seq.state.sampler for seq in ready]) if ready else []
-        return [self._advance(seq, result) for seq, result in zip(ready, results)]
+        plain, plain_rows, verifying, row = [], [], [], 0
+        for seq in ready:
+            spec = len(seq.spec_token_ids)
+            if spec:
+                verifying.append((seq, logits[row:row + spec + 1]))
+            else:
+                plain.append(seq)
+                plain_rows.append(row)
+            row += spec + 1
+        plain, plain_logits = self._fork_ready(plain, logits[plain_rows])
+        results = sample(plain_logits, [seq.state.sampler for seq in plain]) if plain else []
+        advanced = list(zip(plain, [[r] for r in results]))
+        for seq, seq_logits in verifying:
+            kept = self.speculator.verify(seq, seq_logits)
+            seq.num_computed -= len(seq_logits) - len(kept)  # back to the accepted prefix
+            advanced.append((seq, kept))
+        outputs = []
+        for seq, kept in advanced:
+            outputs.append(self._advance(seq, kept))
+            if self.speculator is not None and not outputs[-1].finished:
+                self.blocks.truncate(seq.table, seq.num_tokens)  # pages of rejected proposals
+                self.speculator.rollback(seq)
+        return outputs
 
     def _fork_ready(self, ready: list[SequenceState], logits: torch.Tensor):
         """Sequences whose prompt just finished and that asked for n samples fork now: each child
@@ -338,37 +452,47 @@ class LLMEngine:
             seq.state.forks = []
         return seqs, logits[rows]
 
-    def _advance(self, seq: SequenceState, result) -> RequestOutput:
+    def _advance(self, seq: SequenceState, results: list) -> RequestOutput:
+        """Append this step's tokens (one, or a verified speculative run) in order, stopping at the
+        first that ends the request (stop id or string, max_tokens, context): the rest are dropped."""
         state: _RequestState = seq.state
-        token = result.token_id
-        seq.token_ids.append(token)
-        self.generation_tokens += 1
-        new_logprobs = None
-        if state.params.logprobs is not None:
-            new_logprobs = [TokenLogprob(token, result.logprob, list(result.top_logprobs or []))]
+        new_ids: list[int] = []
+        new_logprobs = [] if state.params.logprobs is not None else None
         reason = None
         new_text = ""
-        if token in state.stop_ids:
-            reason = "stop"
-        elif state.detokenizer is not None:
-            new_text = state.detokenizer.add(token)
-            if state.detokenizer.stopped is not None:
+        for result in results:
+            token = result.token_id
+            seq.token_ids.append(token)
+            new_ids.append(token)
+            self.generation_tokens += 1
+            if new_logprobs is not None:
+                new_logprobs.append(TokenLogprob(token, result.logprob, list(result.top_logprobs or [])))
+            if token in state.stop_ids:
                 reason = "stop"
-        if reason is None and (len(seq.output_ids) >= state.params.max_tokens
-                               or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+            elif state.detokenizer is not None:
+                new_text += state.detokenizer.add(token)
+                if state.detokenizer.stopped is not None:
+                    reason = "stop"
+            if reason is None and (len(seq.output_ids) >= state.params.max_tokens
+                                   or seq.num_tokens >= self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                break
+        if state.spec is not None:
+            state.spec.target_steps += 1
         if reason is not None:
             if state.detokenizer is not None and state.detokenizer.stopped is None:
                 new_text += state.detokenizer.flush()
             self.scheduler.finish(seq)
-        return self._output(seq, [token], new_text, reason, new_logprobs)
+        return self._output(seq, new_ids, new_text, reason, new_logprobs)
 
     def _output(self, seq: SequenceState, new_ids: list[int], new_text: str, reason: str | None,
                 logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         detok = seq.state.detokenizer if seq.state is not None else None
+        spec = seq.state.spec if seq.state is not None else None
         return RequestOutput(seq.request_id, list(seq.prompt_ids), list(seq.output_ids), new_ids,
                              detok.text if detok is not None else "", new_text, reason is not None, reason,
-                             logprobs)
+                             logprobs, spec.stats(len(seq.output_ids)) if spec is not None else None)
 
     # ---- conveniences ----------------------------------------------------------------------------
 
@@ -403,7 +527,8 @@ class LLMEngine:
         return (f"KV cache: {self.blocks.num_blocks} pages x {self.block_size} tokens = {tokens} tokens, "
                 f"{self.kv_cache_bytes / 2**20:.1f} MiB {str(self.kv_dtype).replace('torch.', '')} over "
                 f"{len(self.layer_shapes)} layers; prefix caching "
-                f"{'on' if self.blocks.enable_prefix_caching else 'off'}")
+                f"{'on' if self.blocks.enable_prefix_caching else 'off'}"
+                + (f"; {self.speculator.describe()}" if self.speculator else ""))
 
     def metrics(self) -> dict[str, float]:
         c = self.scheduler.counters
@@ -412,7 +537,8 @@ class LLMEngine:
                 "num_waiting": self.num_waiting, "preemptions": c.preemptions,
                 "prefix_cache_queries": c.prefix_cache_queries, "prefix_cache_hits": c.prefix_cache_hits,
                 "computed_tokens": c.computed_tokens, "steps": c.steps,
-                "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens}
+                "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
+                **(self.speculator.metrics() if self.speculator else {})}
 
 
 Engine = LLMEngine  # the name earlier packages and scripts use

@@ -134,6 +134,30 @@ def slot_mapping(block_tables, rows, positions, block_size):
     return block_tables[rows, positions // block_size] * block_size + positions % block_size
 
 
+def batch_step(pool, chunks, logits_rows):
+    """The inputs of one forward step over several sequences: ``(input_ids, positions, PagedStep)``.
+
+    ``chunks[i] = (tokens, start, blocks)``: sequence i computes ``tokens`` at positions ``start,
+    start + 1, ...`` and owns the pages ``blocks``; one-token chunks (decodes) come first.
+    ``logits_rows`` are the rows of the flattened step whose logits the step computes."""
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=pool.device)  # noqa: E731
+    ids, positions, starts, seq_lens = [], [], [0], []
+    for tokens, start, _ in chunks:
+        ids.extend(tokens)
+        positions.extend(range(start, start + len(tokens)))
+        starts.append(starts[-1] + len(tokens))
+        seq_lens.append(start + len(tokens))
+    width = max(len(blocks) for _, _, blocks in chunks)
+    tables = as_tensor([list(blocks) + [0] * (width - len(blocks)) for _, _, blocks in chunks])
+    positions = as_tensor(positions)
+    token_rows = torch.repeat_interleave(torch.arange(len(chunks), device=pool.device),
+                                         as_tensor([len(tokens) for tokens, _, _ in chunks]))
+    slots = slot_mapping(tables, token_rows, positions, pool.block_size)
+    num_decodes = next((i for i, (tokens, _, _) in enumerate(chunks) if len(tokens) != 1), len(chunks))
+    step = PagedStep(pool, slots, tables, as_tensor(seq_lens), starts, num_decodes, as_tensor(logits_rows))
+    return as_tensor(ids), positions, step
+
+
 def sequence_step(pool, blocks, positions, logits_indices=None):
     """The metadata of a step computing ``positions`` (consecutive) of one sequence owning ``blocks``."""
     table = torch.tensor([blocks], dtype=torch.int64, device=pool.device)

@@ -17,6 +17,7 @@ alone and in any batch.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import KW_ONLY, dataclass
 from typing import Sequence
@@ -148,6 +149,15 @@ class SequenceSampler:
         if self._counts is not None and 0 <= token_id < self._counts.numel():
             self._counts[token_id] += 1
 
+    def branch(self) -> "SequenceSampler":
+        """A copy to try tokens on ahead of the sequence (a draft model's proposals): the same params,
+        prompt and output so far, penalty counts of its own, and this sequence's generator, so the
+        proposals' draws stay in the sequence's one random stream and a seed still reproduces them."""
+        other = copy.copy(self)
+        other.output_ids = list(self.output_ids)
+        other._counts = None if self._counts is None else self._counts.clone()
+        return other
+
     def uniform(self) -> float:
         """The next number in [0, 1) from this sequence's generator."""
         return float(torch.rand((), generator=self.generator))
@@ -208,6 +218,20 @@ def probabilities(logits: torch.Tensor, samplers: Sequence[SequenceSampler]) -> 
         sorted_probs, order = _sorted_distribution(_rows(scores, drawn), [samplers[i].params for i in drawn])
         probs[drawn] = torch.zeros_like(sorted_probs).scatter(1, order, sorted_probs)
     return probs
+
+
+def draw(probs: torch.Tensor, samplers: Sequence[SequenceSampler]) -> torch.Tensor:
+    """One token per row of ``probs`` [batch, vocab], a distribution in vocab order that need not sum to 1
+    (a speculative residual), drawn like sample() draws: inverse CDF on one uniform from each row's sampler."""
+    sorted_probs, order = torch.sort(probs.float(), dim=-1, descending=True, stable=True)
+    return _draw(sorted_probs, order, list(samplers))
+
+
+def results_for(logits: torch.Tensor, samplers: Sequence[SequenceSampler], tokens: Sequence[int]) -> list[SampleResult]:
+    """``SampleResult`` of tokens chosen elsewhere (speculative verification), one per row of ``logits``,
+    with logprobs from the raw rows as sample() reports them; records nothing."""
+    chosen = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)
+    return [SampleResult(t, lp, top) for t, (lp, top) in zip(chosen.tolist(), _logprobs(logits, samplers, chosen))]
 
 
 def _check_batch(logits: torch.Tensor, samplers: Sequence[SequenceSampler]) -> None:

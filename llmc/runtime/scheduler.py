@@ -7,6 +7,11 @@ waiting sequences in (priority, arrival) order while the budget, the sequence ca
 (``max_num_seqs``) and the free KV pages allow. A newly admitted sequence first takes the cached
 pages of its longest cached prefix, so only the rest of its prompt is computed.
 
+A decoding sequence may carry speculative tokens (``spec_token_ids``, proposed by
+``speculative.py``): it then runs its pending token and the proposals as one chunk, which the
+target scores in one step. Speculation is best effort: the proposals are cut to the budget left,
+and dropped before any other sequence would be preempted for their pages.
+
 When a running sequence needs a page and none is free, the lowest-priority, newest running sequence
 not yet scheduled in this step is preempted: its pages are freed and it goes back to the waiting
 queue with its prompt and output so far, to be recomputed (its pages may still be in the prefix
@@ -18,7 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .block_manager import BlockTable, KVBlockManager
 
@@ -39,6 +44,7 @@ class Sequence:
     status: str = WAITING
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens the prefix cache supplied at admission
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals to verify after the known tokens
     state: Any = None                # the engine's per-request state (sampler, detokenizer, ...)
 
     def __post_init__(self) -> None:
@@ -64,7 +70,7 @@ class ScheduledBatch:
     """One step's work: ``seqs[i]`` runs ``num_new[i]`` tokens; the first ``num_decodes`` run one."""
 
     seqs: list[Sequence]
-    num_new: list[int]
+    num_new: list[int]       # known tokens plus the speculative tokens scheduled with them
     num_decodes: int
 
     def __len__(self) -> int:
@@ -83,10 +89,12 @@ class SchedulerCounters:
 class Scheduler:
     """FCFS (with optional priority) continuous batching over a ``KVBlockManager``."""
 
-    def __init__(self, blocks: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 on_free: Callable[[Sequence], None] | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.blocks = blocks
+        self.on_free = on_free  # called when a sequence's pages are freed (finish, abort, preemption)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []   # sorted by Sequence.order
@@ -133,8 +141,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            known = seq.num_tokens - seq.num_computed
+            n = min(known + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[max(0, n - known):]  # proposals past the budget wait for no one
             while not self.blocks.can_allocate(seq.table, seq.num_computed, seq.num_computed + n):
+                if seq.spec_token_ids:  # speculation never costs another sequence its pages
+                    seq.spec_token_ids.clear()
+                    n = min(known, budget)
+                    continue
                 victim = max(self.running[i:], key=lambda s: s.order)
                 self._preempt(victim)
                 preempted = True
@@ -175,11 +189,12 @@ class Scheduler:
 
     def _allocate(self, seq: Sequence, n: int) -> None:
         self.blocks.allocate(seq.table, seq.num_computed, seq.num_computed + n)
+        # token_ids holds no speculative tokens, so a block holding any is never registered (it may be rejected).
         self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed + n)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free_table(seq.table)
+        self._free(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.counters.preemptions += 1
@@ -191,5 +206,11 @@ class Scheduler:
         self.waiting.insert(bisect.bisect(keys, seq.order), seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.blocks.free_table(seq.table)
+        self._free(seq)
         seq.status = FINISHED
+
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.free_table(seq.table)
+        seq.spec_token_ids.clear()
+        if self.on_free is not None:
+            self.on_free(seq)

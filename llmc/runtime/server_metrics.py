@@ -1,5 +1,6 @@
 """Prometheus metrics of the HTTP server: request latencies observed on the event loop, and the
-engine's own state (queue, KV pages, prefix cache, preemptions) collected at scrape time."""
+engine's own state (queue, KV pages, prefix cache, preemptions, speculative decoding) collected at
+scrape time."""
 
 from __future__ import annotations
 
@@ -66,6 +67,13 @@ class _EngineStatsCollector:
             ("llmc_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt tokens looked up.",
              hits / queries if queries else 0.0),
         ]
+        if "spec_draft_tokens" in s:  # speculative decoding is on
+            gauges += [
+                ("llmc_spec_acceptance_rate", "Speculative tokens accepted / proposed tokens the model scored.",
+                 s["spec_acceptance_rate"]),
+                ("llmc_spec_mean_accepted_tokens_per_step", "Tokens a verifying step gives a sequence on average: "
+                 "its accepted proposals plus the corrected or bonus token.", s["spec_mean_accepted_tokens_per_step"]),
+            ]
         counters = [
             ("llmc_preemptions", "Sequences preempted (their KV freed, recomputed later).", s.get("preemptions", 0)),
             ("llmc_prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens", 0)),
@@ -73,6 +81,12 @@ class _EngineStatsCollector:
             ("llmc_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries),
             ("llmc_prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits),
         ]
+        if "spec_draft_tokens" in s:
+            counters += [
+                ("llmc_spec_draft_tokens", "Speculative tokens proposed and scored by the model.", s["spec_draft_tokens"]),
+                ("llmc_spec_accepted_tokens", "Speculative tokens accepted.", s["spec_accepted_tokens"]),
+                ("llmc_spec_verifications", "Steps x sequences that verified proposals.", s["spec_verifications"]),
+            ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=float(value))
         for name, doc, value in counters:
