@@ -7,11 +7,13 @@ llmc CLI. Only argparse and the runtime modules are used, so it runs where llmc 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import evaluate
 from .engine import Engine, EngineConfig, PackageError, RequestError, read_plan
+from .parallel import load_engine
 from .sampler import SamplingError
 from .tokenizer import PackageTokenizer, TokenizerError
 
@@ -52,7 +54,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="Wrap the prompt in the model's chat template.")
     gen.add_argument("--ignore-eos", action="store_true", help="Do not stop at the end-of-sequence token.")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [the target's device].")
+    gen.add_argument("--kv-cache-bytes", type=_bytes, default=None,
+                     help="Memory for the paged KV cache, e.g. 256MiB [the target's default].")
     add_speculative_arguments(gen)
+    add_parallel_arguments(gen)
     commands.add_parser("info", help="Print the target, model and passes this package was compiled with.")
     ev = commands.add_parser("eval", help="Perplexity on the held-out files named by split.json, vs a unigram "
                                           "baseline (and KL / top-1 agreement with --reference PKG).")
@@ -149,10 +154,19 @@ def add_serve_parser(commands) -> None:
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="Do not reuse the KV pages of prompt prefixes seen before.")
     add_speculative_arguments(engine)
+    add_parallel_arguments(engine)
     engine.add_argument("--threads", type=_count(1), default=None,
                         help="CPU threads torch computes with [torch's default: one per core]. On a "
                              "machine shared with other busy processes, 1 avoids threads waiting on "
                              "each other (decode measured 10-17x faster on a loaded 2-core machine).")
+
+
+def add_parallel_arguments(parser) -> None:
+    parser.add_argument("--tp", type=_count(1), default=None,
+                        help="Tensor-parallel ranks; must match the package (compile with --set shard.tp=N). "
+                             "Ranks 1.. start as local worker processes [the package's].")
+    parser.add_argument("--pp", type=_count(1), default=None,
+                        help="Pipeline stages; must match the package (--set shard.pp=N) [the package's].")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -180,8 +194,9 @@ def generate(args, package_dir: Path) -> None:
         if args.chat:
             raise PackageError("--chat needs --prompt text")
         ids = parse_ids(args.tokens)
-    engine = Engine.from_package(package_dir, device=args.device, config=EngineConfig(
-        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens))
+    engine = load_engine(package_dir, device=args.device, tp=args.tp, pp=args.pp, config=EngineConfig(
+        kv_cache_bytes=args.kv_cache_bytes, speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens))
     new = engine.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     if args.prompt is None:
@@ -216,10 +231,6 @@ def package_logits(package_dir: Path, device: str | None):
 
 def serve(args, package_dir: Path) -> int:
     """Load the engine and serve it until SIGTERM/SIGINT (``server.py`` holds the HTTP side)."""
-    import os
-
-    from .engine import LLMEngine
-
     if args.api_key is not None and not args.api_key.strip():
         # Most likely --api-key "$KEY" with KEY unset: serving without a key is not what was asked.
         raise PackageError("--api-key is empty; give the key, or leave the flag out to serve without one")
@@ -236,7 +247,7 @@ def serve(args, package_dir: Path) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
                           num_speculative_tokens=args.num_speculative_tokens)
-    engine = LLMEngine.from_package(package_dir, device=args.device, config=config)
+    engine = load_engine(package_dir, device=args.device, config=config, tp=args.tp, pp=args.pp)
     return run_server(engine, host=args.host, port=args.port,
                       api_key=args.api_key or os.environ.get("LLMC_API_KEY") or None,
                       model_name=args.served_model_name, max_queue=args.max_queue,
@@ -246,6 +257,13 @@ def serve(args, package_dir: Path) -> int:
 def main(argv: list[str] | None = None, package_dir: str | Path | None = None) -> int:
     package_dir = Path(package_dir) if package_dir else Path(__file__).resolve().parent.parent
     args = build_parser(f"python {package_dir.name}").parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # torchrun started this process as a rank > 0 of a tp/pp package: it runs the steps rank 0
+        # broadcasts (whatever the command), and rank 0 alone serves or generates.
+        from .launcher import worker_main
+
+        worker_main()
+        return 0
     try:
         if args.command == "generate":
             generate(args, package_dir)
