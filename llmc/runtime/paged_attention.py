@@ -100,32 +100,32 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, kv_dtype=None, k_scale=None, 
 
 
 def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap):
-    """Attention of ``q`` [B, Tq, H, D] over ``keys`` [B, S, KVH, D] / ``values`` [B, S, KVH, Dv].
+    """Attention of ``q`` [B, Tq, H, D] over ``keys`` [KVH, B, S, D] / ``values`` [KVH, B, S, Dv]
+    (head-major, as ``gather_pages`` returns them).
 
     Key j of row b sits at position j and exists when ``j < k_len[b]``; query t of row b is at
     ``q_pos[b, t]``. GQA groups queries per KV head instead of repeating K/V. float32 math.
     """
     b, tq, h, d = q.shape
-    kvh = keys.shape[2]
+    kvh, s = keys.shape[0], keys.shape[2]
     g = h // kvh
-    # Queries grouped per KV head, [B, KVH, G*Tq, D]: one batched matmul per (sequence, KV head)
-    # reads each key once, with no repeat or broadcast copy of K/V.
-    qg = q.float().reshape(b, tq, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * tq, d)
-    kt = keys.float().permute(0, 2, 3, 1)                                    # [B, KVH, D, S]
-    vt = values.float().permute(0, 2, 1, 3)                                  # [B, KVH, S, Dv]
-    scores = (qg @ kt).view(b, kvh, g, tq, -1) * scale                       # [B, KVH, G, Tq, S]
+    # Queries grouped per KV head, [KVH*B, G*Tq, D]: one batched matmul per (KV head, sequence)
+    # reads each key once. Head-major K/V flatten to the batch dim as views, and Kᵀ is a
+    # transposed view BLAS takes as is: no copy of the cache beyond the gather.
+    qg = q.float().reshape(b, tq, kvh, g, d).permute(2, 0, 3, 1, 4).reshape(kvh * b, g * tq, d)
+    scores = torch.bmm(qg, keys.flatten(0, 1).transpose(1, 2)).view(kvh, b, g, tq, s) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    kpos = torch.arange(keys.shape[1], device=q.device)
+    kpos = torch.arange(s, device=q.device)
     allowed = kpos[None, None, :] < k_len[:, None, None]                     # [B, 1, S]
     if causal:
         allowed = allowed & (kpos[None, None, :] <= q_pos[:, :, None])       # [B, Tq, S]
     if sliding_window:
         allowed = allowed & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
-    scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
-    probs = torch.softmax(scores, -1).view(b, kvh, g * tq, -1)
-    out = (probs @ vt).view(b, kvh, g, tq, -1)                               # [B, KVH, G, Tq, Dv]
-    return out.permute(0, 3, 1, 2, 4).reshape(b, tq, -1)
+    scores = scores.masked_fill(~allowed[None, :, None], -math.inf)          # [KVH, B, G, Tq, S]
+    probs = torch.softmax(scores, -1).view(kvh * b, g * tq, s)
+    out = torch.bmm(probs, values.flatten(0, 1)).view(kvh, b, g, tq, -1)     # [KVH, B, G, Tq, Dv]
+    return out.permute(1, 3, 0, 2, 4).reshape(b, tq, -1)
 
 
 def slot_mapping(block_tables, rows, positions, block_size):
@@ -167,20 +167,31 @@ def sequence_step(pool, blocks, positions, logits_indices=None):
     return PagedStep(pool, slots, table, lens, [0, len(positions)], int(len(positions) == 1), logits_indices)
 
 
-def gather_pages(pages, block_tables, length):
-    """The first ``length`` cached rows of each sequence: [B, length, KVH, D] read through its pages."""
-    width = -(-length // pages.shape[1])  # pages that hold them
-    rows = pages[block_tables[:, :width]]
-    return rows.reshape(len(block_tables), width * pages.shape[1], *pages.shape[2:])[:, :length]
+def gather_pages(pages, block_tables, length, scale=None):
+    """The first ``length`` cached rows of each sequence, float32 and head-major [KVH, B, length, D]
+    (dequantized with the per-KV-head ``scale`` when the pages are int8/fp8).
+
+    One row gather of whole pages (``index_select`` over contiguous page rows, the fastest CPU
+    gather measured) and one copy into the head-major layout ``attend`` multiplies without copying."""
+    num_blocks, block_size, kvh, d = pages.shape
+    width = -(-length // block_size)  # pages that hold them
+    flat = pages.view(num_blocks, -1)
+    if pages.element_size() == 1:  # gathered as bytes: there is no CPU index_select for float8
+        flat = flat.view(torch.uint8)
+    rows = flat.index_select(0, block_tables[:, :width].flatten()).view(pages.dtype)
+    rows = rows.view(len(block_tables), width * block_size, kvh, d)[:, :length]
+    if scale is not None:  # quantized pages: float32 values before attention
+        rows = dequantize_kv(rows, scale)
+    out = torch.empty((kvh, len(block_tables), length, d), dtype=torch.float32, device=pages.device)
+    return out.copy_(rows.permute(2, 0, 1, 3))
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, positions, num_heads, head_dim,
                            scale, causal, sliding_window, softcap, k_scale=None, v_scale=None):
     """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched."""
     longest = int(seq_lens.max())
-    keys, values = gather_pages(k_pages, block_tables, longest), gather_pages(v_pages, block_tables, longest)
-    if k_scale is not None:  # quantized pages: float32 values before attention
-        keys, values = dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)
+    keys = gather_pages(k_pages, block_tables, longest, k_scale)
+    values = gather_pages(v_pages, block_tables, longest, v_scale)
     out = attend(q.reshape(len(q), 1, num_heads, head_dim), keys, values, positions[:, None], seq_lens,
                  scale, causal, sliding_window, softcap)
     return out.reshape(len(q), -1)
@@ -189,9 +200,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, position
 def paged_prefill_attention(q, k_pages, v_pages, block_table, seq_len, positions, num_heads, head_dim,
                             scale, causal, sliding_window, softcap, k_scale=None, v_scale=None):
     """A chunk of one sequence's tokens (``q`` [Tq, H*D]) over its pages (earlier chunks included)."""
-    keys, values = gather_pages(k_pages, block_table[None], seq_len), gather_pages(v_pages, block_table[None], seq_len)
-    if k_scale is not None:
-        keys, values = dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)
+    keys = gather_pages(k_pages, block_table[None], seq_len, k_scale)
+    values = gather_pages(v_pages, block_table[None], seq_len, v_scale)
     lens = torch.tensor([seq_len], device=q.device)
     out = attend(q.reshape(1, len(q), num_heads, head_dim), keys, values, positions[None], lens,
                  scale, causal, sliding_window, softcap)
