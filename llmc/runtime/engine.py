@@ -241,6 +241,11 @@ class LLMEngine:
         self.block_size, self.layer_shapes = layout.block_size, layout.layer_shapes
         self.dtype, self.kv_dtype = layout.dtype, layout.kv_dtype
         kv_bytes = config.kv_cache_bytes or runtime.get("kv_cache_bytes") or 256 * 2**20
+        room = plan.get("memory_plan", {}).get("kv_cache_bytes_max")
+        if room and not config.kv_cache_bytes:
+            # The target's KV budget, capped by what the memory plan left after the weights, peak
+            # activations and a safety margin (an explicit --kv-cache-bytes is the user's call).
+            kv_bytes = min(kv_bytes, room)
         per_block = layout.bytes_per_block()
         num_blocks = kv_bytes // per_block
         if num_blocks < 1:
@@ -538,7 +543,8 @@ class LLMEngine:
                 "prefix_cache_queries": c.prefix_cache_queries, "prefix_cache_hits": c.prefix_cache_hits,
                 "computed_tokens": c.computed_tokens, "steps": c.steps,
                 "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
-                **(self.speculator.metrics() if self.speculator else {})}
+                **(self.speculator.metrics() if self.speculator else {}),
+                **(self.forward.metrics() if hasattr(self.forward, "metrics") else {})}  # shape buckets
 
 
 Engine = LLMEngine  # the name earlier packages and scripts use

@@ -74,6 +74,9 @@ class _EngineStatsCollector:
                 ("llmc_spec_mean_accepted_tokens_per_step", "Tokens a verifying step gives a sequence on average: "
                  "its accepted proposals plus the corrected or bonus token.", s["spec_mean_accepted_tokens_per_step"]),
             ]
+        if "bucket_padding_waste" in s:  # steps are padded to shape buckets
+            gauges.append(("llmc_bucket_padding_waste_ratio", "Padded token rows / all rows run, over the "
+                           "server's life (shape bucketing).", s["bucket_padding_waste"]))
         counters = [
             ("llmc_preemptions", "Sequences preempted (their KV freed, recomputed later).", s.get("preemptions", 0)),
             ("llmc_prompt_tokens", "Prompt tokens processed.", s.get("prompt_tokens", 0)),

@@ -59,3 +59,21 @@ def test_pad_rows_never_touch_real_pages(packages):
     assert pool.scratch_page == pool.num_blocks  # past every page the block manager can hand out
     for pages in pool.k.values():
         assert pages.shape[0] == pool.num_blocks + 1 and torch.isfinite(pages).all()
+
+
+def test_padding_waste_is_in_engine_metrics_and_the_servers_metrics(packages):
+    from tests.server.server_helpers import serving
+
+    llm = LLM(packages["true"])
+    prompts, params = random_requests(seed=3, n=5)
+    llm.generate(prompts, params)
+    waste = llm.metrics()["bucket_padding_waste"]
+    assert 0 < waste < 1 and waste == llm.engine.forward.padding_waste
+    with serving(llm.engine) as server:
+        import httpx
+
+        reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3})
+        assert reply.status_code == 200
+        text = httpx.get(f"{server.url}/metrics").text
+    assert f"llmc_bucket_padding_waste_ratio {llm.engine.forward.padding_waste}" in text
+    assert "bucket_padding_waste" not in LLM(packages["false"]).metrics()

@@ -92,3 +92,23 @@ def test_small_model_fits_l4_and_reports_kv_room():
     target = load_target("l4")
     expected = int(target.memory_bytes * 0.9) - graph.param_bytes() - plan["peak_activation_bytes"][8192]
     assert plan["kv_cache_bytes_max"] == expected
+
+
+def test_the_runtime_kv_cache_fits_the_planned_room(tmp_path):
+    """The engine sizes its KV pages from the target's budget capped by the memory plan's room
+    (device memory - weights - peak activations - margin); an explicit kv_cache_bytes wins."""
+    import json
+
+    from llmc.compiler import compile_model
+    from llmc.examples_tiny import save_tiny_model
+    from llmc.runtime.llm import LLM
+
+    model = save_tiny_model("llama", tmp_path / "model")
+    # 64 MiB of "device memory": far below the cpu target's KV budget, far above the tiny model.
+    out = compile_model(model, "cpu", tmp_path / "pkg", overrides=["memory_bytes=67108864"], quality_tokens=0).out_dir
+    plan = json.loads((out / "plan.json").read_text())
+    room = plan["memory_plan"]["kv_cache_bytes_max"]
+    target_budget = plan["target"]["runtime"]["kv_cache_bytes"]
+    assert 0 < room < target_budget
+    assert room - LLM(out).engine.kv_cache_bytes < LLM(out).engine.blocks.block_size * 4096  # < one page
+    assert LLM(out, kv_cache_bytes=1 << 20).engine.kv_cache_bytes <= 1 << 20
