@@ -1,0 +1,212 @@
+"""Speculative decoding on the example model: target steps per generated token and tokens/s,
+plain decoding vs n-gram prompt lookup vs a draft model, in one run.
+
+    python bench/speculative.py                         # draft = the first 2 of the 6 layers
+    python bench/speculative.py --draft-layers 1 --new-tokens 96 --repeats 3 --json out.json
+
+The target is ``examples/models/stdlib-llama-6m`` (6 layers, hidden 256, vocab 6144). The draft is
+made by truncation (``truncated_checkpoint``): the same checkpoint keeping only its first
+``--draft-layers`` decoder layers, with the final norm and the tied embedding / LM head; no
+training, so it shares the tokenizer by construction. Both are compiled into one package for the
+cpu target (``llmc compile MODEL --draft DRAFT``).
+
+Two workloads of greedy requests, each ``--new-tokens`` long (EOS ignored):
+
+- ``code``: the first lines of held-out stdlib files (``split.json``; the CPython 3.11 stdlib of
+  this machine), the text the model was trained on;
+- ``repetitive``: code that repeats itself (the same statement over a run of names, a block
+  quoted again), where prompt lookup finds what comes next in the context.
+
+Each runs at batch 1 (one request at a time, where decoding is bound by the fixed cost of a step)
+and at batch 8 (all requests queued at once, continuous batching; the adaptive policy speculates
+less there). Modes alternate within each repeat; the median wall time counts. Every speculative
+run's outputs are checked token for token against plain decoding's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "models" / "stdlib-llama-6m"
+MODES = ("off", "ngram", "draft")
+
+
+def truncated_checkpoint(model_dir: str | Path, out_dir: str | Path, num_layers: int) -> Path:
+    """A draft made from ``model_dir`` by keeping its first ``num_layers`` decoder layers (and the
+    embedding, final norm and LM head): config.json says so, model.safetensors drops the other
+    layers' tensors, every other file (tokenizer, generation config) is copied."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    key = next(k for k in ("num_hidden_layers", "n_layer") if k in config)
+    if not 1 <= num_layers <= config[key]:
+        raise ValueError(f"{src} has {config[key]} layers; cannot keep {num_layers}")
+    config[key] = num_layers
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:num_layers]
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    layer = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+    tensors = {name: t for name, t in load_file(str(src / "model.safetensors")).items()
+               if not (m := layer.search(name)) or int(m.group(1)) < num_layers}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for file in src.iterdir():
+        if file.is_file() and file.name not in ("config.json", "model.safetensors"):
+            shutil.copyfile(file, out / file.name)
+    return out
+
+
+def code_prompts(count: int) -> list[str]:
+    """The first lines (up to a ``def`` or ``class`` block's header) of held-out stdlib files."""
+    import sysconfig
+
+    split = json.loads((EXAMPLE / "split.json").read_text(encoding="utf-8"))
+    root = Path(sysconfig.get_paths()["stdlib"])
+    prompts = []
+    for name in split["heldout"]:
+        path = root / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        match = re.search(r"\n((?:    )?(?:def|class) [^\n]*\n(?:[^\n]*\n){2})", text)
+        if match:
+            prompts.append(match.group(1))
+        if len(prompts) == count:
+            break
+    if len(prompts) < count:
+        raise SystemExit(f"found {len(prompts)} held-out files under {root}; the example model's split "
+                         "names CPython 3.11 stdlib files")
+    return prompts
+
+
+def repetitive_prompts(count: int) -> list[str]:
+    """Code whose continuation is in its context: a statement repeated over names, a block quoted again."""
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    templates = [
+        lambda a, b: "".join(f"        self.{n} = {n}\n" for n in (a, b, "name", "value")) + f"        self.",
+        lambda a, b: "".join(f"    assertEqual(parse('{n}'), '{n}')\n" for n in (a, b, a + b)) + "    assertEqual(",
+        lambda a, b: (f"def get_{a}(self):\n    return self._{a}\n\n"
+                      f"def get_{b}(self):\n    return self._{b}\n\ndef get_"),
+        lambda a, b: (f"import os\nimport sys\n\n\ndef {a}(path):\n    if not os.path.exists(path):\n"
+                      f"        return None\n    return os.path.abspath(path)\n\n\ndef {b}(path):\n"),
+    ]
+    return [templates[i % len(templates)](names[i % len(names)], names[(3 * i + 1) % len(names)])
+            for i in range(count)]
+
+
+def run(engine, prompts: list[list[int]], new_tokens: int, batch: int) -> tuple[float, list[list[int]], dict]:
+    """Generate for every prompt, ``batch`` requests in flight at a time; (seconds, outputs, metric deltas)."""
+    from llmc.runtime.sampler import SamplingParams
+
+    before = engine.metrics()
+    outputs: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        for i in range(first, min(first + batch, len(prompts))):
+            engine.add_request(str(i), prompts[i], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.output_token_ids
+    seconds = time.perf_counter() - start
+    after = engine.metrics()
+    delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+    return seconds, [outputs[str(i)] for i in range(len(prompts))], delta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--draft-layers", type=int, default=2, help="decoder layers the draft keeps [2]")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per workload [8]")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request [64]")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="requests in flight [1 8]")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most proposals per step [4]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the median counts [3]")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
+    parser.add_argument("--device", default=None, help="cpu or cuda [the target's]")
+    parser.add_argument("--target", default="cpu", help="llmc target to compile for [cpu]")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO))
+    from llmc.compiler import compile_model
+    from llmc.runtime.engine import EngineConfig, LLMEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        draft = truncated_checkpoint(EXAMPLE, Path(tmp) / "draft", args.draft_layers)
+        package = compile_model(EXAMPLE, args.target, Path(tmp) / "pkg", draft=draft,
+                                num_speculative_tokens=args.num_speculative_tokens).out_dir
+        engines = {mode: LLMEngine.from_package(package, device=args.device, config=EngineConfig(
+            speculative=mode, max_num_seqs=max(args.batches), max_num_batched_tokens=2048)) for mode in MODES}
+        tokenizer = engines["off"].tokenizer
+        workloads = {"code": code_prompts(args.prompts), "repetitive": repetitive_prompts(args.prompts)}
+        rows = []
+        for workload, texts in workloads.items():
+            prompts = [tokenizer.encode(t) for t in texts]
+            for batch in args.batches:
+                for mode in MODES:  # warm-up: first-call allocations, thread pools
+                    run(engines[mode], prompts[:1], 4, 1)
+                times = {mode: [] for mode in MODES}
+                results = {}
+                for _ in range(args.repeats):
+                    for mode in MODES:
+                        seconds, outputs, delta = run(engines[mode], prompts, args.new_tokens, batch)
+                        times[mode].append(seconds)
+                        results[mode] = (outputs, delta)
+                base = statistics.median(times["off"])
+                for mode in MODES:
+                    outputs, delta = results[mode]
+                    tokens = sum(len(o) for o in outputs)
+                    wall = statistics.median(times[mode])
+                    rows.append({
+                        "workload": workload, "batch": batch, "mode": mode, "tokens": tokens,
+                        "target_steps": delta["steps"], "steps_per_token": delta["steps"] / tokens,
+                        "tokens_per_s": tokens / wall, "speedup": base / wall,
+                        "acceptance_rate": delta.get("spec_accepted_tokens", 0) / max(1, delta.get("spec_draft_tokens", 0)),
+                        "tokens_per_verify": (delta.get("spec_accepted_tokens", 0) + delta.get("spec_verifications", 0))
+                        / max(1, delta.get("spec_verifications", 0)),
+                        "same_as_plain": outputs == results["off"][0]})
+                    print(_line(rows[-1]), flush=True)
+        draft_forwards = engines["draft"].speculator.proposer.forwards
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
+          f"draft = first {args.draft_layers} of 6 layers ({draft_forwards} draft forwards in all)")
+    print(_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+                                        indent=1) + "\n")
+
+
+def _line(r: dict) -> str:
+    return (f"{r['workload']:>10} batch {r['batch']:>2} {r['mode']:>5}: {r['steps_per_token']:.3f} steps/token, "
+            f"{r['tokens_per_s']:7.1f} tokens/s ({r['speedup']:.2f}x), acceptance {r['acceptance_rate']:.2f}, "
+            f"{r['tokens_per_verify']:.2f} tokens/verify, same as plain: {r['same_as_plain']}")
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| workload | batch | mode | target steps / token | tokens/s | vs plain | acceptance | tokens / verify step "
+             "| outputs = plain |", "|---|--:|---|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        spec = r["mode"] != "off"
+        acceptance = f"{r['acceptance_rate']:.2f}" if spec else ""
+        per_verify = f"{r['tokens_per_verify']:.2f}" if spec else ""
+        lines.append(f"| {r['workload']} | {r['batch']} | {r['mode']} | {r['steps_per_token']:.3f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acceptance} | {per_verify} | "
+                     f"{'yes' if r['same_as_plain'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
