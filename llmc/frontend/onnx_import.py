@@ -24,7 +24,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from llmc.errors import CheckpointError, UnsupportedModelError
 from llmc.ir import Graph, GraphBuilder, Param, TensorType, verify
 from llmc.ir.types import T, dtype_name
+from llmc.frontend.values import Partial  # the same partly-recognized idiom state as the ATen frontend
 
 HOW_TO_EXTEND = "add a raising pattern to llmc/frontend/onnx_patterns.py"
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -61,18 +62,6 @@ class Static:
 class PastKV:
     layer: int
     kind: str
-
-
-@dataclass(frozen=True)
-class Partial:
-    kind: str
-    fields: dict[str, Any] = field(default_factory=dict, hash=False)
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.__dict__["fields"][key]
-        except KeyError:
-            raise AttributeError(key) from None
 
 
 def require_onnx():
