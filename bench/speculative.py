@@ -3,6 +3,7 @@ plain decoding vs n-gram prompt lookup vs a draft model, in one run.
 
     python bench/speculative.py                         # draft = the first 2 of the 6 layers
     python bench/speculative.py --draft-layers 1 --new-tokens 96 --repeats 3 --json out.json
+    python bench/speculative.py --write-draft build/stdlib-draft  # only the draft checkpoint
 
 The target is ``examples/models/stdlib-llama-6m`` (6 layers, hidden 256, vocab 6144). The draft is
 made by truncation (``truncated_checkpoint``): the same checkpoint keeping only its first
@@ -14,18 +15,22 @@ Two workloads of greedy requests, each ``--new-tokens`` long (EOS ignored):
 
 - ``code``: the first lines of held-out stdlib files (``split.json``; the CPython 3.11 stdlib of
   this machine), the text the model was trained on;
-- ``repetitive``: code that repeats itself (the same statement over a run of names, a block
-  quoted again), where prompt lookup finds what comes next in the context.
+- ``repetitive``: code that repeats itself (codec tables, a statement over a run of names, test
+  methods alike), where prompt lookup finds what comes next in the context.
 
 Each runs at batch 1 (one request at a time, where decoding is bound by the fixed cost of a step)
 and at batch 8 (all requests queued at once, continuous batching; the adaptive policy speculates
-less there). Modes alternate within each repeat; the median wall time counts. Every speculative
-run's outputs are checked token for token against plain decoding's.
+less there). Modes (``--modes``): off, ngram, draft, and ngram-fixed / draft-fixed, which always
+propose ``--num-speculative-tokens`` (the adaptive policy switched off). They alternate within each
+repeat; the median wall time counts. "Target steps per token" counts, per request, the model steps
+that gave it tokens over the tokens it got (1 for plain decoding). Every speculative run's outputs
+are checked token for token against plain decoding's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import re
@@ -40,7 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "models" / "stdlib-llama-6m"
-MODES = ("off", "ngram", "draft")
+MODES = ("off", "ngram", "draft", "ngram-fixed", "draft-fixed")  # -fixed: always k proposals, no adaptive policy
 
 
 def truncated_checkpoint(model_dir: str | Path, out_dir: str | Path, num_layers: int) -> Path:
@@ -92,27 +97,65 @@ def code_prompts(count: int) -> list[str]:
     return prompts
 
 
+REPETITIVE = [  # code whose continuation is in its context: tables, a statement repeated, runs of look-alikes
+    "decoding_table = (\n    '\\x00'     #  0x00 -> NULL\n    '\\x01'     #  0x01 -> START OF HEADING\n"
+    "    '\\x02'     #  0x02 -> START OF TEXT\n",
+    "encoding_map = {\n    0x0000: 0x0000,\n    0x0001: 0x0001,\n    0x0002: 0x0002,\n",
+    "        x = x + 1\n        x = x + 1\n        x = x + 1\n",
+    "        self.assertEqual(self.parse('a'), 'a')\n        self.assertEqual(self.parse('b'), 'b')\n"
+    "        self.assertEqual(self.parse(",
+    "        self.alpha = alpha\n        self.beta = beta\n        self.name = name\n        self.",
+    "def get_gamma(self):\n    return self._gamma\n\ndef get_theta(self):\n    return self._theta\n\ndef get_",
+    "    def test_alpha(self):\n        self.check('alpha')\n\n    def test_beta(self):\n        self.check('beta')\n"
+    "\n    def test_",
+    "_table = [\n    0, 0, 0, 0, 0, 0, 0, 0,\n    0, 0, 0, 0, 0, 0, 0, 0,\n",
+]
+
+
 def repetitive_prompts(count: int) -> list[str]:
-    """Code whose continuation is in its context: a statement repeated over names, a block quoted again."""
-    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    templates = [
-        lambda a, b: "".join(f"        self.{n} = {n}\n" for n in (a, b, "name", "value")) + f"        self.",
-        lambda a, b: "".join(f"    assertEqual(parse('{n}'), '{n}')\n" for n in (a, b, a + b)) + "    assertEqual(",
-        lambda a, b: (f"def get_{a}(self):\n    return self._{a}\n\n"
-                      f"def get_{b}(self):\n    return self._{b}\n\ndef get_"),
-        lambda a, b: (f"import os\nimport sys\n\n\ndef {a}(path):\n    if not os.path.exists(path):\n"
-                      f"        return None\n    return os.path.abspath(path)\n\n\ndef {b}(path):\n"),
-    ]
-    return [templates[i % len(templates)](names[i % len(names)], names[(3 * i + 1) % len(names)])
-            for i in range(count)]
+    return [REPETITIVE[i % len(REPETITIVE)] for i in range(count)]
+
+
+def measure_saturation(engine, repeats: int = 15, context: int = 128) -> tuple[float, float, float]:
+    """The adaptive policy's scale S on this machine and model: a least-squares fit of forward time
+    against batched tokens, ``time = a + b * tokens``, over decode batches (1-8 sequences x 1 token)
+    and verification chunks (1-8 sequences x 3-5 tokens) at a 128-token context; S = a / b. Each
+    shape's time is the fastest of ``repeats`` (what the machine can do, without other processes'
+    interference). Returns (S, a, b), seconds."""
+    from llmc.runtime.block_manager import BlockTable
+    from llmc.runtime.paged_attention import batch_step
+
+    points = []
+    for sequences, tokens in [(1, 1), (2, 1), (4, 1), (8, 1), (1, 3), (1, 5), (4, 3), (8, 3), (8, 5)]:
+        tables = [BlockTable() for _ in range(sequences)]
+        for table in tables:
+            engine.blocks.allocate(table, 0, context + tokens)
+        chunks = [([1] * tokens, context, table.blocks) for table in tables]
+        ids, positions, step = batch_step(engine.pool, chunks, list(range(sequences * tokens)))
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                engine.forward(engine.weights, ids, positions, step)
+                times.append(time.perf_counter() - start)
+        for table in tables:
+            engine.blocks.free_table(table)
+        points.append((sequences * tokens, min(times)))
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    fixed = mean_y - slope * mean_x
+    return fixed / slope, fixed, slope
 
 
 def run(engine, prompts: list[list[int]], new_tokens: int, batch: int) -> tuple[float, list[list[int]], dict]:
-    """Generate for every prompt, ``batch`` requests in flight at a time; (seconds, outputs, metric deltas)."""
+    """Generate for every prompt, ``batch`` requests in flight at a time; (seconds, outputs, metric
+    deltas, with ``target_steps``: the steps that gave each request tokens, summed)."""
     from llmc.runtime.sampler import SamplingParams
 
     before = engine.metrics()
     outputs: dict[str, list[int]] = {}
+    target_steps = 0
     start = time.perf_counter()
     for first in range(0, len(prompts), batch):
         for i in range(first, min(first + batch, len(prompts))):
@@ -121,10 +164,11 @@ def run(engine, prompts: list[list[int]], new_tokens: int, batch: int) -> tuple[
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out.output_token_ids
+                    target_steps += out.speculation.target_steps if out.speculation else len(out.output_token_ids)
     seconds = time.perf_counter() - start
     after = engine.metrics()
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
-    return seconds, [outputs[str(i)] for i in range(len(prompts))], delta
+    return seconds, [outputs[str(i)] for i in range(len(prompts))], {**delta, "target_steps": target_steps}
 
 
 def main() -> None:
@@ -138,8 +182,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
     parser.add_argument("--device", default=None, help="cpu or cuda [the target's]")
     parser.add_argument("--target", default="cpu", help="llmc target to compile for [cpu]")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[:3]),
+                        help="what to compare; off is always run first [off ngram draft]")
+    parser.add_argument("--saturation-tokens", default="measure",
+                        help="the adaptive policy's scale S: measure (fit on this machine first), ridge (the "
+                             "target's roofline ridge point, the runtime's default) or a number [measure]")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--write-draft", type=Path, default=None, metavar="DIR",
+                        help="only write the truncated draft checkpoint to DIR (for llmc compile --draft) and exit")
     args = parser.parse_args()
+    if args.write_draft:
+        print(truncated_checkpoint(EXAMPLE, args.write_draft, args.draft_layers))
+        return
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
     from llmc.compiler import compile_model
@@ -149,61 +203,78 @@ def main() -> None:
         draft = truncated_checkpoint(EXAMPLE, Path(tmp) / "draft", args.draft_layers)
         package = compile_model(EXAMPLE, args.target, Path(tmp) / "pkg", draft=draft,
                                 num_speculative_tokens=args.num_speculative_tokens).out_dir
-        engines = {mode: LLMEngine.from_package(package, device=args.device, config=EngineConfig(
-            speculative=mode, max_num_seqs=max(args.batches), max_num_batched_tokens=2048)) for mode in MODES}
+        modes = ["off"] + [m for m in args.modes if m != "off"]
+        config = EngineConfig(max_num_seqs=max(args.batches), max_num_batched_tokens=2048)
+        saturation = None
+        if args.saturation_tokens == "measure":
+            saturation, fixed, per_token = measure_saturation(LLMEngine.from_package(package, device=args.device))
+            print(f"measured: a step costs {fixed * 1e3:.2f} ms + {per_token * 1e3:.3f} ms per batched token, "
+                  f"so S = {saturation:.1f} tokens", flush=True)
+        elif args.saturation_tokens != "ridge":
+            saturation = float(args.saturation_tokens)
+        engines = {mode: LLMEngine.from_package(package, device=args.device, config=dataclasses.replace(
+            config, speculative=mode.split("-")[0], adaptive_speculation=not mode.endswith("-fixed"),
+            speculative_saturation_tokens=saturation)) for mode in modes}
+        if "ngram" in modes:
+            print(engines["ngram"].speculator.describe(), flush=True)
         tokenizer = engines["off"].tokenizer
         workloads = {"code": code_prompts(args.prompts), "repetitive": repetitive_prompts(args.prompts)}
         rows = []
         for workload, texts in workloads.items():
             prompts = [tokenizer.encode(t) for t in texts]
             for batch in args.batches:
-                for mode in MODES:  # warm-up: first-call allocations, thread pools
+                for mode in modes:  # warm-up: first-call allocations, thread pools
                     run(engines[mode], prompts[:1], 4, 1)
-                times = {mode: [] for mode in MODES}
+                times = {mode: [] for mode in modes}
                 results = {}
                 for _ in range(args.repeats):
-                    for mode in MODES:
+                    for mode in modes:
                         seconds, outputs, delta = run(engines[mode], prompts, args.new_tokens, batch)
                         times[mode].append(seconds)
                         results[mode] = (outputs, delta)
                 base = statistics.median(times["off"])
-                for mode in MODES:
+                for mode in modes:
                     outputs, delta = results[mode]
                     tokens = sum(len(o) for o in outputs)
                     wall = statistics.median(times[mode])
                     rows.append({
                         "workload": workload, "batch": batch, "mode": mode, "tokens": tokens,
-                        "target_steps": delta["steps"], "steps_per_token": delta["steps"] / tokens,
+                        "target_steps": delta["target_steps"], "steps_per_token": delta["target_steps"] / tokens,
+                        "engine_steps": delta["steps"],
+                        "proposed_per_verify": delta.get("spec_draft_tokens", 0) / max(1, delta.get("spec_verifications", 0)),
                         "tokens_per_s": tokens / wall, "speedup": base / wall,
                         "acceptance_rate": delta.get("spec_accepted_tokens", 0) / max(1, delta.get("spec_draft_tokens", 0)),
                         "tokens_per_verify": (delta.get("spec_accepted_tokens", 0) + delta.get("spec_verifications", 0))
                         / max(1, delta.get("spec_verifications", 0)),
                         "same_as_plain": outputs == results["off"][0]})
                     print(_line(rows[-1]), flush=True)
-        draft_forwards = engines["draft"].speculator.proposer.forwards
+        draft_forwards = sum(e.speculator.proposer.forwards for m, e in engines.items() if m.startswith("draft"))
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
-          f"draft = first {args.draft_layers} of 6 layers ({draft_forwards} draft forwards in all)")
+          f"draft = first {args.draft_layers} of 6 layers ({draft_forwards} draft forwards in all); "
+          f"S = {saturation or 'the ridge point'}")
     print(_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                         "saturation_tokens": saturation}, indent=1) + "\n")
 
 
 def _line(r: dict) -> str:
-    return (f"{r['workload']:>10} batch {r['batch']:>2} {r['mode']:>5}: {r['steps_per_token']:.3f} steps/token, "
+    return (f"{r['workload']:>10} batch {r['batch']:>2} {r['mode']:>11}: {r['steps_per_token']:.3f} steps/token, "
             f"{r['tokens_per_s']:7.1f} tokens/s ({r['speedup']:.2f}x), acceptance {r['acceptance_rate']:.2f}, "
-            f"{r['tokens_per_verify']:.2f} tokens/verify, same as plain: {r['same_as_plain']}")
+            f"{r['proposed_per_verify']:.2f} proposed and {r['tokens_per_verify']:.2f} kept per verify, "
+            f"same as plain: {r['same_as_plain']}")
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| workload | batch | mode | target steps / token | tokens/s | vs plain | acceptance | tokens / verify step "
-             "| outputs = plain |", "|---|--:|---|--:|--:|--:|--:|--:|---|"]
+    lines = ["| workload | batch | mode | target steps / token | tokens/s | vs plain | acceptance | proposed / verify "
+             "| kept / verify | outputs = plain |", "|---|--:|---|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         spec = r["mode"] != "off"
         acceptance = f"{r['acceptance_rate']:.2f}" if spec else ""
         per_verify = f"{r['tokens_per_verify']:.2f}" if spec else ""
+        proposed = f"{r['proposed_per_verify']:.2f}" if spec else ""
         lines.append(f"| {r['workload']} | {r['batch']} | {r['mode']} | {r['steps_per_token']:.3f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acceptance} | {per_verify} | "
+                     f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acceptance} | {proposed} | {per_verify} | "
                      f"{'yes' if r['same_as_plain'] else 'NO'} |")
     return "\n".join(lines)
 

@@ -89,6 +89,16 @@ def add_speculative_arguments(parser) -> None:
     parser.add_argument("--num-speculative-tokens", type=_count(1), default=None,
                         help="Most tokens proposed per sequence and step; fewer are proposed when they are "
                              "rarely accepted or the batch is large [the package's choice, else 4].")
+    parser.add_argument("--speculative-saturation-tokens", type=float, default=None, metavar="TOKENS",
+                        help="Batched tokens that cost as much as a step's fixed part, the scale of the adaptive "
+                             "speculation length (bench/speculative.py measures it) [the target's roofline "
+                             "ridge point].")
+
+
+def speculative_config(args, **fields) -> EngineConfig:
+    """An EngineConfig of ``fields`` and the speculative decoding flags in ``args``."""
+    return EngineConfig(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                        speculative_saturation_tokens=args.speculative_saturation_tokens, **fields)
 
 
 def _count(minimum: int):
@@ -194,9 +204,8 @@ def generate(args, package_dir: Path) -> None:
         if args.chat:
             raise PackageError("--chat needs --prompt text")
         ids = parse_ids(args.tokens)
-    engine = load_engine(package_dir, device=args.device, tp=args.tp, pp=args.pp, config=EngineConfig(
-        kv_cache_bytes=args.kv_cache_bytes, speculative=args.speculative,
-        num_speculative_tokens=args.num_speculative_tokens))
+    engine = load_engine(package_dir, device=args.device, tp=args.tp, pp=args.pp, config=speculative_config(
+        args, kv_cache_bytes=args.kv_cache_bytes))
     new = engine.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     if args.prompt is None:
@@ -243,10 +252,9 @@ def serve(args, package_dir: Path) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = EngineConfig(kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching, speculative=args.speculative,
-                          num_speculative_tokens=args.num_speculative_tokens)
+    config = speculative_config(args, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_num_batched_tokens,
+                                enable_prefix_caching=not args.no_prefix_caching)
     engine = load_engine(package_dir, device=args.device, config=config, tp=args.tp, pp=args.pp)
     return run_server(engine, host=args.host, port=args.port,
                       api_key=args.api_key or os.environ.get("LLMC_API_KEY") or None,

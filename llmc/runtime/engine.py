@@ -182,6 +182,7 @@ class EngineConfig:
     speculative: str | None = None             # "off" | "ngram" | "draft"; None: the package's choice
     num_speculative_tokens: int | None = None  # most proposals per sequence and step
     adaptive_speculation: bool = True          # False: always propose num_speculative_tokens
+    speculative_saturation_tokens: float | None = None  # the adaptive policy's scale; None: the target's ridge
 
 
 @dataclass
@@ -290,8 +291,8 @@ class LLMEngine:
             return None
         k = config.num_speculative_tokens or chosen.get("num_speculative_tokens") or 4
         try:
-            options = SpeculativeConfig(method, k, config.adaptive_speculation,
-                                        saturation_tokens=_saturation_tokens(plan, self.dtype))
+            options = SpeculativeConfig(method, k, config.adaptive_speculation, saturation_tokens=(
+                config.speculative_saturation_tokens or _saturation_tokens(plan, self.dtype)))
         except ValueError as exc:
             raise PackageError(str(exc)) from None
         if method == "ngram":

@@ -230,16 +230,34 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
     write_kv(k_pages, v_pages, k, v, kv.slot_mapping, kv_dtype, k_scale, v_scale)
     options = dict(num_heads=num_heads, head_dim=head_dim, scale=scale, causal=causal,
                    sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
-    parts = []
+    parts = []  # (first row, output rows)
     nd = kv.num_decodes
     if nd:
-        parts.append(paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
-                                            positions[:nd], **options))
-    for i in range(nd, len(kv.query_start) - 1):
-        start, stop = kv.query_start[i], kv.query_start[i + 1]
-        parts.append(paged_prefill_attention(q[start:stop], k_pages, v_pages, kv.block_tables[i],
-                                             int(kv.seq_lens[i]), positions[start:stop], **options))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts.append((0, paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
+                                                positions[:nd], **options)))
+    chunks = [(kv.query_start[i], kv.query_start[i + 1], i) for i in range(nd, len(kv.query_start) - 1)]
+    # Short chunks (up to 16 tokens: speculative verification runs k + 1) share one attention call,
+    # each padded to the longest with copies of its last query (computed, then dropped): one call
+    # per layer instead of one per sequence, the per-call overhead that dominated such steps on CPU.
+    short = [c for c in chunks if c[1] - c[0] <= 16]
+    if len(short) > 1:
+        width = max(stop - start for start, stop, _ in short)
+        rows = torch.tensor([min(start + t, stop - 1) for start, stop, _ in short for t in range(width)],
+                            device=q.device)
+        seqs = torch.tensor([i for _, _, i in short], device=q.device)
+        lens, tables = kv.seq_lens.index_select(0, seqs), kv.block_tables.index_select(0, seqs)
+        longest = int(lens.max())
+        out = attend(q.index_select(0, rows).reshape(len(short), width, num_heads, head_dim),
+                     gather_pages(k_pages, tables, longest, k_scale), gather_pages(v_pages, tables, longest, v_scale),
+                     positions.index_select(0, rows).view(len(short), width), lens, scale, causal, sliding_window,
+                     softcap)
+        parts += [(start, out[j, :stop - start]) for j, (start, stop, _) in enumerate(short)]
+        chunks = [c for c in chunks if c[1] - c[0] > 16]
+    for start, stop, i in chunks:
+        parts.append((start, paged_prefill_attention(q[start:stop], k_pages, v_pages, kv.block_tables[i],
+                                                     int(kv.seq_lens[i]), positions[start:stop], **options)))
+    parts.sort(key=lambda part: part[0])
+    out = parts[0][1] if len(parts) == 1 else torch.cat([rows for _, rows in parts])
     return out.to(q.dtype)
 
 

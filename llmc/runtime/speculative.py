@@ -37,6 +37,7 @@ they may differ between batches too. Greedy output is token for token that of pl
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -76,6 +77,8 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be an int >= 1, got {self.num_speculative_tokens!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if not self.saturation_tokens > 0:
+            raise ValueError(f"the speculative saturation must be > 0 tokens, got {self.saturation_tokens!r}")
 
 
 def speculation_length(acceptance: float, batch_size: int, max_k: int, *, saturation_tokens: float,
@@ -86,9 +89,11 @@ def speculation_length(acceptance: float, batch_size: int, max_k: int, *, satura
     (the accepted run plus the corrected or bonus token). A step's time is modelled as linear in its
     tokens: ``1 + B (k + 1) / S`` for B sequences of k + 1 tokens, where S (``saturation_tokens``)
     is how many batched tokens cost as much as the step's fixed part (reading the weights once, and
-    overheads; the roofline ridge point, peak FLOP/s x bytes per weight / (2 x bandwidth), when the
-    target says). The draft adds k forwards of ``draft_cost`` (its weight bytes over the target's)
-    each, scaled alike. At small B extra tokens are nearly free and k grows with a; at large B a
+    overheads). By default it is the target's roofline ridge point, peak FLOP/s x bytes per weight /
+    (2 x bandwidth): right for a model large enough to run near the roofline; for a small model
+    whose steps are mostly framework overhead it is smaller, and ``bench/speculative.py`` measures
+    it (the runtime's ``--speculative-saturation-tokens`` takes the figure). The draft adds k
+    forwards of ``draft_cost`` (its weight bytes over the target's) each, scaled alike. At small B extra tokens are nearly free and k grows with a; at large B a
     proposal costs about what a plain decode does, so anything short of sure acceptance loses and
     k falls to 0. Ties go to the smaller k.
     """
@@ -274,42 +279,33 @@ class DraftProposer:
 
     def propose(self, wanted: list[tuple[object, int]]) -> list[Proposal]:
         out: list[Proposal] = [([], None)] * len(wanted)
-        live = []  # [index, seq, k, branch sampler, proposals, q rows]
+        live = []
         for i, (seq, k) in enumerate(wanted):
             spec = seq.state.spec
             hold = seq.num_tokens + k - 1  # known tokens and all proposals but the last get draft k/v
             if hold > self.max_len or not self.blocks.can_allocate(spec.draft_table, spec.draft_computed, hold):
                 continue
             self.blocks.allocate(spec.draft_table, spec.draft_computed, hold)
-            branch = seq.state.sampler.branch()
-            live.append([i, seq, k, branch, [], []])
+            live.append(_Drafting(i, seq, k, seq.state.sampler.branch()))
         while live:
-            chunks = []
-            for _, seq, _, _, tokens, _ in live:
-                start = seq.state.spec.draft_computed  # <= num_tokens - 1 + len(tokens): one token at least
-                pending = seq.token_ids[start:] + tokens[max(0, start - seq.num_tokens):]
-                chunks.append((pending, start, seq.state.spec.draft_table.blocks))
-            order = sorted(range(len(live)), key=lambda j: len(chunks[j][0]) != 1)  # decodes first
-            live, chunks = [live[j] for j in order], [chunks[j] for j in order]
-            ends = [sum(len(c[0]) for c in chunks[:j + 1]) - 1 for j in range(len(chunks))]
-            ids, positions, step = batch_step(self.pool, chunks, ends)
+            live.sort(key=lambda d: d.num_pending != 1)  # decodes first
+            chunks = [d.chunk() for d in live]
+            ends = list(itertools.accumulate(len(tokens) for tokens, _, _ in chunks))
+            ids, positions, step = batch_step(self.pool, chunks, [end - 1 for end in ends])
             logits = self.forward(self.weights, ids, positions, step)["logits"]
-            if len(logits) != len(ends):  # a graph without select_rows returns every row
-                logits = logits[ends]
+            if len(logits) != len(live):  # a graph without select_rows returns every row
+                logits = logits[[end - 1 for end in ends]]
             self.forwards += 1
-            branches = [entry[3] for entry in live]
-            q = probabilities(logits.float(), branches)
-            for entry, row, (pending, start, _) in zip(live, q, chunks):
-                i, seq, k, branch, tokens, rows = entry
-                token = int(row.argmax()) if branch.params.greedy else int(draw(row[None], [branch])[0])
-                branch.record(token)
-                tokens.append(token)
-                rows.append(row)
-                seq.state.spec.draft_computed = start + len(pending)
-            for entry in [e for e in live if len(e[4]) == e[2]]:
-                i, seq, _, branch, tokens, rows = entry
-                out[i] = (tokens, None if branch.params.greedy else torch.stack(rows))
-            live = [e for e in live if len(e[4]) < e[2]]
+            q = probabilities(logits.float(), [d.sampler for d in live])
+            for d, row in zip(live, q):
+                d.seq.state.spec.draft_computed += d.num_pending
+                token = int(row.argmax()) if d.sampler.params.greedy else int(draw(row[None], [d.sampler])[0])
+                d.sampler.record(token)
+                d.tokens.append(token)
+                d.rows.append(row)
+                if len(d.tokens) == d.k:
+                    out[d.index] = (d.tokens, None if d.sampler.params.greedy else torch.stack(d.rows))
+            live = [d for d in live if len(d.tokens) < d.k]
         return out
 
     def rollback(self, seq) -> None:
@@ -322,6 +318,28 @@ class DraftProposer:
         spec = seq.state.spec
         self.blocks.free_table(spec.draft_table)
         spec.draft_computed = 0
+
+
+@dataclass
+class _Drafting:
+    """One sequence's proposals in the making: ``tokens`` drawn so far, each from its ``rows`` (q)."""
+
+    index: int
+    seq: object
+    k: int
+    sampler: SequenceSampler  # a branch of the sequence's sampler: its penalties count the proposals
+    tokens: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens the draft has not computed: the whole sequence at first, then the last proposal."""
+        return self.seq.num_tokens + len(self.tokens) - self.seq.state.spec.draft_computed
+
+    def chunk(self) -> tuple[list[int], int, list[int]]:
+        start = self.seq.state.spec.draft_computed
+        pending = self.seq.token_ids[start:] + self.tokens[max(0, start - self.seq.num_tokens):]
+        return pending, start, self.seq.state.spec.draft_table.blocks
 
 
 @dataclass
@@ -351,8 +369,7 @@ class Speculator:
         proposals, in ``seq.spec_token_ids``; those still holding unscheduled ones keep them."""
         wanted = []
         for seq in running:
-            if seq.spec_token_ids or seq.num_computed != seq.num_tokens - 1 or not seq.output_ids \
-                    or seq.state.forks:
+            if seq.spec_token_ids or seq.num_computed != seq.num_tokens - 1 or not seq.output_ids:
                 continue
             spec = seq.state.spec
             room = min(seq.state.params.max_tokens - len(seq.output_ids) - 1, max_model_len - seq.num_tokens)
@@ -398,7 +415,6 @@ class Speculator:
 
     def describe(self) -> str:
         c = self.config
-        return (f"speculative decoding: {c.method}, up to {c.num_speculative_tokens} tokens per step"
-                + (f", adapted to acceptance and batch (saturation {c.saturation_tokens:.0f} tokens"
-                   + (f", draft cost {c.draft_cost:.2f}" if c.method == "draft" else "") + ")"
-                   if c.adaptive else ", fixed"))
+        policy = f"adaptive (saturation {c.saturation_tokens:.0f} tokens, draft cost {c.draft_cost:.2f})" \
+            if c.adaptive else "fixed"
+        return f"speculative decoding: {c.method}, up to {c.num_speculative_tokens} tokens per step, {policy}"

@@ -183,6 +183,18 @@ def test_scheduler_drops_proposals_before_preempting_anyone():
     assert scheduler.counters.preemptions == 0
 
 
+@pytest.mark.parametrize("window,softcap,quant", [(None, None, None), (4, 2.0, None), (None, None, "int8")])
+def test_verification_chunks_share_one_attention_call(window, softcap, quant):
+    """Short chunks (k + 1 tokens each) beside decodes and a long prompt chunk: the padded batched
+    attention call gives what contiguous attention over each sequence gives."""
+    from test_paged_attention import ATOL, KV_QUANT, run_case
+
+    seqs = [(9, 1), (30, 1), (40, 3), (20, 5), (0, 30), (13, 2), (7, 16)]  # the 30-token chunk runs alone
+    out, expected = run_case(4, 4, 2, 8, 4, seqs, sliding_window=window, softcap=softcap,
+                             quant=dict(KV_QUANT, kv_dtype=quant) if quant else None)
+    assert (out - expected).abs().max().item() < ATOL
+
+
 # ---- compile-time checks -------------------------------------------------------------------------
 
 

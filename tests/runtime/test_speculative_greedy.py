@@ -34,6 +34,8 @@ from llmc.examples_tiny import save_tiny_model
 from llmc.runtime.engine import EngineConfig, LLMEngine
 from llmc.runtime.sampler import SamplingParams
 
+pytestmark = pytest.mark.slow  # compiles models, runs thousands of requests
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "models" / "stdlib-llama-6m"
 TIE = 1e-4
