@@ -41,7 +41,7 @@ from .torch_backend import render_model
 
 WEIGHTS_FILE = "weights/model.safetensors"
 IR_FILE = "ir.json"
-DRAFT_DIR = "draft"  # the draft model's package inside the package (runtime/engine.py reads the same name)
+DRAFT_DIR = "draft"  # the draft model's package inside the package (runtime/package.py reads the same name)
 # Copied byte for byte from the checkpoint when present: what the runtime tokenizer and stop
 # tokens read (chat_template.jinja is where transformers >= 4.43 saves a chat template), and the
 # train/held-out file list `python PKG eval` scores (split.json, see runtime/evaluate.py).

@@ -126,7 +126,7 @@ def inspect(
 def _parse_tokens(text: str) -> list[int]:
     """Comma-separated ids, parsed by the package runtime's own parser (one syntax for both CLIs)."""
     from llmc.runtime.cli import parse_ids
-    from llmc.runtime.engine import PackageError
+    from llmc.runtime.package import PackageError
 
     try:
         return parse_ids(text)
@@ -439,7 +439,7 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmc.runtime import evaluate
-    from llmc.runtime.engine import PackageError
+    from llmc.runtime.package import PackageError
 
     columns = (TextColumn("scoring held-out tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:

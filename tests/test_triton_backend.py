@@ -23,7 +23,7 @@ from llmc.compiler import compile_model
 from llmc.errors import LlmcError
 from llmc.examples_tiny import save_tiny_model
 from llmc.frontend.hf import load_hf
-from llmc.runtime.engine import load_model_module
+from llmc.runtime.package import load_model_module
 from llmc.runtime.llm import LLM
 from llmc.runtime.sampler import SamplingParams
 from package_helpers import lowered

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from . import evaluate
-from .engine import Engine, EngineConfig, PackageError, RequestError, read_plan
+from .engine import Engine, EngineConfig, RequestError
+from .package import PackageError, read_plan
 from .parallel import load_engine
 from .sampler import SamplingError
 from .tokenizer import PackageTokenizer, TokenizerError

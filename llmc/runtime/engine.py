@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,21 +30,13 @@ import torch
 
 from .block_manager import BlockTable, KVBlockManager
 from .detokenizer import IncrementalDetokenizer
-from .paged_attention import KVPool, batch_step, sequence_step
+from .package import KVLayout, PackageError, load_model, read_plan, resolve_device, stop_ids
+from .paged_attention import batch_step, sequence_step
 from .sampler import SamplingParams, SequenceSampler, sample
 from .scheduler import Scheduler
 from .scheduler import Sequence as SequenceState
-from .speculative import (DraftProposer, NgramProposer, SpecState, SpeculationStats, SpeculativeConfig,
-                          Speculator)
+from .speculative import SpecState, SpeculationStats, build_speculator, load_draft, speculative_method
 from .tokenizer import PackageTokenizer
-
-WEIGHTS_FILE = "weights/model.safetensors"
-DRAFT_DIR = "draft"  # the draft model's own package inside a package compiled with --draft
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1, torch.float8_e4m3fn: 1}
-
-
-class PackageError(Exception):
-    """A problem the user can fix (missing file, bad token id, no CUDA); the CLI prints one line."""
 
 
 class RequestError(ValueError):
@@ -55,119 +45,6 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-def read_plan(package_dir: str | Path) -> dict:
-    path = Path(package_dir) / "plan.json"
-    if not path.is_file():
-        raise PackageError(f"{path} not found: {package_dir} is not an llmc package (run llmc compile)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PackageError(f"{path}: not valid JSON ({exc})") from None
-
-
-def load_model_module(path: Path) -> types.ModuleType:
-    """Execute the generated model.py as a fresh module.
-
-    compile+exec rather than an import: nothing lands in sys.modules (two packages can be loaded
-    side by side) and no __pycache__ is written into the package directory.
-    """
-    if not path.is_file():
-        raise PackageError(f"{path} not found: the package is incomplete; compile it again")
-    module = types.ModuleType(f"llmc_package_model_{abs(hash(str(path.resolve())))}")
-    module.__file__ = str(path)
-    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), module.__dict__)
-    return module
-
-
-def load_model(package_dir: Path, device: torch.device) -> tuple[Callable, dict[str, torch.Tensor]]:
-    """A package's ``(forward, weights)``, the weights on ``device`` in their load-time layouts."""
-    from safetensors.torch import load_file
-
-    module = load_model_module(package_dir / "model.py")
-    weights_path = package_dir / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise PackageError(f"{weights_path} not found: the package is incomplete; compile it again")
-    weights = load_file(str(weights_path), device=str(device))
-    if hasattr(module, "prepare_weights"):  # load-time layouts (packed int4, expanded fp8/2:4)
-        weights = module.prepare_weights(weights)
-    return module.forward, weights
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """What a package's KV pool looks like: page size, per-layer shapes, activation and page dtypes."""
-
-    block_size: int
-    layer_shapes: dict[int, tuple]
-    dtype: torch.dtype
-    kv_dtype: torch.dtype
-
-    @classmethod
-    def of(cls, plan: dict, weights: dict[str, torch.Tensor]) -> "KVLayout":
-        runtime, kv = plan.get("target", {}).get("runtime", {}), plan.get("kv_cache", {})
-        layer_shapes = {int(k): tuple(v) for k, v in kv.get("layers", {}).items()}
-        if not layer_shapes:
-            raise PackageError("plan.json records no paged attention layers (kv_cache.layers): the package was "
-                               "compiled without the attention_lowering pass; compile it again")
-        # The activations' dtype: that of the largest floating weight (quantized packages also hold
-        # float scales and fp8 storage, which are not what the model computes in).
-        floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
-        dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
-        # Pages are stored in the activations' dtype unless the graph quantizes them (quantize_kv
-        # writes int8 / float8_e4m3fn into plan.json): a quarter of float32's bytes buys 4x the pages.
-        kv_dtype = kv.get("dtype")
-        if kv_dtype and not isinstance(getattr(torch, kv_dtype, None), torch.dtype):
-            raise PackageError(f"plan.json: kv_cache.dtype {kv_dtype!r} is not a torch dtype; compile it again")
-        return cls(int(kv.get("page_size") or runtime.get("kv_page_size") or 16), layer_shapes, dtype,
-                   getattr(torch, kv_dtype) if kv_dtype else dtype)
-
-    def bytes_per_block(self) -> int:
-        return KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.kv_dtype, 4))
-
-    def pool(self, num_blocks: int, device: torch.device) -> KVPool:
-        return KVPool(num_blocks, self.block_size, self.kv_dtype, device, self.layer_shapes)
-
-
-def resolve_device(requested: str | None, plan: dict) -> torch.device:
-    """The device asked for, else the target's; a CUDA package on a machine without CUDA is an error."""
-    name = requested or plan.get("target", {}).get("device", "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PackageError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PackageError(f"the package targets {name} but this machine has no CUDA device; "
-                           "run it with --device cpu")
-    return device
-
-
-def stop_ids(package_dir: Path, tokenizer: PackageTokenizer | None) -> tuple[int, ...]:
-    """End-of-sequence ids: generation_config.json's (an int or a list, as HF generate uses them),
-    else the tokenizer's eos token."""
-    path = package_dir / "generation_config.json"
-    if path.is_file():
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        return tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    return () if eos is None else (eos,)
-
-
-def _speculative_method(plan: dict, config: "EngineConfig") -> str:
-    return config.speculative or plan.get("speculative", {}).get("method") or "off"
-
-
-def _saturation_tokens(plan: dict, dtype: torch.dtype) -> float:
-    """Batched tokens at which a step's compute time equals the time to read its weights once: the
-    target's roofline ridge point, peak FLOP/s x bytes per weight / (2 FLOP per weight x bandwidth).
-    64 when plan.json's target does not say (speculative.speculation_length uses it)."""
-    target = plan.get("target", {})
-    flops = target.get("peak_flops", {}).get(str(dtype).replace("torch.", ""))
-    bandwidth = target.get("memory_bandwidth_bytes_per_s")
-    if not flops or not bandwidth:
-        return 64.0
-    return max(1.0, flops * DTYPE_BYTES.get(dtype, 4) / (2 * bandwidth))
 
 
 @dataclass(frozen=True)
@@ -254,7 +131,11 @@ class LLMEngine:
         self.pool = layout.pool(num_blocks, device)
         self.blocks = KVBlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         max_num_seqs = config.max_num_seqs or runtime.get("max_num_seqs") or 8
-        self.speculator = self._speculator(plan, config, draft, max_num_seqs)
+        self.speculator = build_speculator(
+            plan, config.speculative, config.num_speculative_tokens, config.adaptive_speculation,
+            config.speculative_saturation_tokens, draft, vocab_size=self.vocab_size, weights=weights,
+            dtype=self.dtype, device=device, kv_tokens=num_blocks * self.block_size,
+            max_num_seqs=max_num_seqs, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(self.blocks, max_num_seqs,
                                    config.max_num_batched_tokens or runtime.get("max_num_batched_tokens") or 512,
                                    on_free=self.speculator.release if self.speculator else None)
@@ -270,48 +151,12 @@ class LLMEngine:
         plan = read_plan(package_dir)
         dev = resolve_device(device, plan)
         forward, weights = load_model(package_dir, dev)
-        draft = None
-        if _speculative_method(plan, config or EngineConfig()) == "draft":
-            draft_dir = package_dir / plan.get("speculative", {}).get("draft", DRAFT_DIR)
-            if not (draft_dir / "plan.json").is_file():
-                raise PackageError(f"speculative decoding with a draft model: {package_dir} has no draft model "
-                                   f"({draft_dir} is missing); compile it with llmc compile MODEL --draft "
-                                   "DRAFT_MODEL, or use --speculative ngram")
-            draft = (*load_model(draft_dir, dev), read_plan(draft_dir))
+        wants_draft = speculative_method(plan, (config or EngineConfig()).speculative) == "draft"
+        draft = load_draft(package_dir, plan, dev) if wants_draft else None
         tokenizer = PackageTokenizer.from_dir(package_dir)
         return cls(forward, weights, plan, device=dev, tokenizer=tokenizer,
                    eos_ids=stop_ids(package_dir, tokenizer), config=config,
                    model_name=plan.get("package") or package_dir.resolve().name, draft=draft)
-
-    def _speculator(self, plan: dict, config: EngineConfig, draft, max_num_seqs: int) -> Speculator | None:
-        """The speculative decoding the config (else plan.json's ``speculative``) asks for; None when off."""
-        chosen = plan.get("speculative", {})
-        method = _speculative_method(plan, config)
-        if method == "off":
-            return None
-        k = config.num_speculative_tokens or chosen.get("num_speculative_tokens") or 4
-        try:
-            options = SpeculativeConfig(method, k, config.adaptive_speculation, saturation_tokens=(
-                config.speculative_saturation_tokens or _saturation_tokens(plan, self.dtype)))
-        except ValueError as exc:
-            raise PackageError(str(exc)) from None
-        if method == "ngram":
-            return Speculator(options, NgramProposer(options.ngram_max, options.ngram_min))
-        if draft is None:
-            raise PackageError("speculative decoding with a draft model needs the draft's (forward, weights, plan)")
-        draft_forward, draft_weights, draft_plan = draft
-        if draft_plan.get("model", {}).get("vocab_size") != self.vocab_size:
-            raise PackageError(f"the draft model's vocabulary ({draft_plan.get('model', {}).get('vocab_size')}) "
-                               f"differs from the model's ({self.vocab_size}); compile it again with a draft "
-                               "that shares the tokenizer")
-        layout = KVLayout.of(draft_plan, draft_weights)
-        # Room for every token the target's pool holds, plus k proposals and a partial page per sequence.
-        tokens = self.blocks.num_blocks * self.block_size + max_num_seqs * (k + layout.block_size)
-        pool = layout.pool(-(-tokens // layout.block_size), self.device)
-        size = lambda w: sum(t.numel() * t.element_size() for t in w.values())  # noqa: E731
-        options = dataclasses.replace(options, draft_cost=size(draft_weights) / size(self.weights))
-        draft_len = draft_plan.get("model", {}).get("max_positions") or self.max_model_len
-        return Speculator(options, DraftProposer(draft_forward, draft_weights, pool, draft_len))
 
     # ---- requests --------------------------------------------------------------------------------
 

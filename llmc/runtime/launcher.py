@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .engine import KVLayout, LLMEngine, PackageError, load_model_module, read_plan, resolve_device, stop_ids
+from .engine import LLMEngine
+from .package import KVLayout, PackageError, load_model_module, read_plan, resolve_device, stop_ids
 from .paged_attention import KVPool, PagedStep
 from .tokenizer import PackageTokenizer
 

@@ -4,7 +4,8 @@ distributed launch of tensor/pipeline-parallel packages (one worker process per 
 from pathlib import Path
 
 from .bucketing import bucketed
-from .engine import EngineConfig, LLMEngine, PackageError, read_plan
+from .engine import EngineConfig, LLMEngine
+from .package import PackageError, read_plan
 
 
 def load_engine(package_dir, device=None, config: EngineConfig | None = None, tp=None, pp=None) -> LLMEngine:

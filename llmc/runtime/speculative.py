@@ -37,13 +37,16 @@ they may differ between batches too. Greedy output is token for token that of pl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from .block_manager import BlockTable, KVBlockManager
+from .package import DRAFT_DIR, DTYPE_BYTES, KVLayout, PackageError, load_model, read_plan
 from .paged_attention import batch_step
 from .sampler import SampleResult, SequenceSampler, draw, probabilities, results_for, sample
 
@@ -418,3 +421,69 @@ class Speculator:
         policy = f"adaptive (saturation {c.saturation_tokens:.0f} tokens, draft cost {c.draft_cost:.2f})" \
             if c.adaptive else "fixed"
         return f"speculative decoding: {c.method}, up to {c.num_speculative_tokens} tokens per step, {policy}"
+
+
+# ---- building one from a package ----------------------------------------------------------------
+
+def speculative_method(plan: dict, requested: str | None) -> str:
+    """The method asked for (engine config / server flag), else the package's choice, else off."""
+    return requested or plan.get("speculative", {}).get("method") or "off"
+
+
+def saturation_tokens(plan: dict, dtype: torch.dtype) -> float:
+    """Batched tokens at which a step's compute time equals the time to read its weights once: the
+    target's roofline ridge point, peak FLOP/s x bytes per weight / (2 FLOP per weight x bandwidth).
+    64 when plan.json's target does not say (``speculation_length`` uses it)."""
+    target = plan.get("target", {})
+    flops = target.get("peak_flops", {}).get(str(dtype).replace("torch.", ""))
+    bandwidth = target.get("memory_bandwidth_bytes_per_s")
+    if not flops or not bandwidth:
+        return 64.0
+    return max(1.0, flops * DTYPE_BYTES.get(dtype, 4) / (2 * bandwidth))
+
+
+def load_draft(package_dir: Path, plan: dict, device: torch.device) -> tuple[Callable, dict, dict]:
+    """The draft model compiled into a package (``llmc compile --draft``): ``(forward, weights, plan)``."""
+    draft_dir = package_dir / plan.get("speculative", {}).get("draft", DRAFT_DIR)
+    if not (draft_dir / "plan.json").is_file():
+        raise PackageError(f"speculative decoding with a draft model: {package_dir} has no draft model "
+                           f"({draft_dir} is missing); compile it with llmc compile MODEL --draft "
+                           "DRAFT_MODEL, or use --speculative ngram")
+    return (*load_model(draft_dir, device), read_plan(draft_dir))
+
+
+def build_speculator(plan: dict, method: str | None, num_tokens: int | None, adaptive: bool,
+                     saturation: float | None, draft: tuple[Callable, dict, dict] | None, *,
+                     vocab_size: int | None, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                     device: torch.device, kv_tokens: int, max_num_seqs: int, max_model_len: int,
+                     ) -> Speculator | None:
+    """The speculative decoding asked for (else plan.json's ``speculative``); None when off.
+
+    ``draft`` is ``load_draft``'s result when the method is "draft"; its KV pool holds
+    ``kv_tokens`` (the target pool's size) plus k proposals and a partial page per sequence.
+    """
+    method = speculative_method(plan, method)
+    if method == "off":
+        return None
+    k = num_tokens or plan.get("speculative", {}).get("num_speculative_tokens") or 4
+    try:
+        options = SpeculativeConfig(method, k, adaptive,
+                                    saturation_tokens=saturation or saturation_tokens(plan, dtype))
+    except ValueError as exc:
+        raise PackageError(str(exc)) from None
+    if method == "ngram":
+        return Speculator(options, NgramProposer(options.ngram_max, options.ngram_min))
+    if draft is None:
+        raise PackageError("speculative decoding with a draft model needs the draft's (forward, weights, plan)")
+    draft_forward, draft_weights, draft_plan = draft
+    if draft_plan.get("model", {}).get("vocab_size") != vocab_size:
+        raise PackageError(f"the draft model's vocabulary ({draft_plan.get('model', {}).get('vocab_size')}) "
+                           f"differs from the model's ({vocab_size}); compile it again with a draft "
+                           "that shares the tokenizer")
+    layout = KVLayout.of(draft_plan, draft_weights)
+    tokens = kv_tokens + max_num_seqs * (k + layout.block_size)
+    pool = layout.pool(-(-tokens // layout.block_size), device)
+    size = lambda w: sum(t.numel() * t.element_size() for t in w.values())  # noqa: E731
+    options = dataclasses.replace(options, draft_cost=size(draft_weights) / size(weights))
+    draft_len = draft_plan.get("model", {}).get("max_positions") or max_model_len
+    return Speculator(options, DraftProposer(draft_forward, draft_weights, pool, draft_len))

@@ -57,7 +57,7 @@ def test_shard_structure_and_rank_weights(packages):
 
 
 def test_tp_flag_must_match_the_package(packages):
-    from llmc.runtime.engine import PackageError
+    from llmc.runtime.package import PackageError
 
     with pytest.raises(PackageError, match="compiled for tp=2"):
         LLM(packages[1].out_dir, tp=4)

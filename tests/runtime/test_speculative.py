@@ -25,7 +25,8 @@ from llmc.errors import CheckpointError, LlmcError
 from llmc.examples_tiny import save_tiny_model
 from llmc.runtime import speculative
 from llmc.runtime.block_manager import BlockTable, KVBlockManager
-from llmc.runtime.engine import EngineConfig, LLMEngine, PackageError
+from llmc.runtime.engine import EngineConfig, LLMEngine
+from llmc.runtime.package import PackageError
 from llmc.runtime.sampler import SamplingParams, SequenceSampler
 from llmc.runtime.scheduler import RUNNING, Scheduler, Sequence
 from llmc.runtime.speculative import NgramIndex, speculation_length, verify_proposals

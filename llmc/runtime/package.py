@@ -1,0 +1,121 @@
+"""Loading a compiled package: plan.json, the generated model.py, the weights, the KV page layout,
+the device and the stop ids. The engine (``engine.py``), the multi-process launcher
+(``launcher.py``) and the speculative decoder's draft model all load packages through these."""
+
+from __future__ import annotations
+
+import json
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .paged_attention import KVPool
+from .tokenizer import PackageTokenizer
+
+WEIGHTS_FILE = "weights/model.safetensors"
+DRAFT_DIR = "draft"  # the draft model's own package inside a package compiled with --draft
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1, torch.float8_e4m3fn: 1}
+
+
+class PackageError(Exception):
+    """A problem the user can fix (missing file, bad token id, no CUDA); the CLI prints one line."""
+
+
+def read_plan(package_dir: str | Path) -> dict:
+    path = Path(package_dir) / "plan.json"
+    if not path.is_file():
+        raise PackageError(f"{path} not found: {package_dir} is not an llmc package (run llmc compile)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_model_module(path: Path) -> types.ModuleType:
+    """Execute the generated model.py as a fresh module.
+
+    compile+exec rather than an import: nothing lands in sys.modules (two packages can be loaded
+    side by side) and no __pycache__ is written into the package directory.
+    """
+    if not path.is_file():
+        raise PackageError(f"{path} not found: the package is incomplete; compile it again")
+    module = types.ModuleType(f"llmc_package_model_{abs(hash(str(path.resolve())))}")
+    module.__file__ = str(path)
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), module.__dict__)
+    return module
+
+
+def load_model(package_dir: Path, device: torch.device) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """A package's ``(forward, weights)``, the weights on ``device`` in their load-time layouts."""
+    from safetensors.torch import load_file
+
+    module = load_model_module(package_dir / "model.py")
+    weights_path = package_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise PackageError(f"{weights_path} not found: the package is incomplete; compile it again")
+    weights = load_file(str(weights_path), device=str(device))
+    if hasattr(module, "prepare_weights"):  # load-time layouts (packed int4, expanded fp8/2:4)
+        weights = module.prepare_weights(weights)
+    return module.forward, weights
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a package's KV pool looks like: page size, per-layer shapes, activation and page dtypes."""
+
+    block_size: int
+    layer_shapes: dict[int, tuple]
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, plan: dict, weights: dict[str, torch.Tensor]) -> "KVLayout":
+        runtime, kv = plan.get("target", {}).get("runtime", {}), plan.get("kv_cache", {})
+        layer_shapes = {int(k): tuple(v) for k, v in kv.get("layers", {}).items()}
+        if not layer_shapes:
+            raise PackageError("plan.json records no paged attention layers (kv_cache.layers): the package was "
+                               "compiled without the attention_lowering pass; compile it again")
+        # The activations' dtype: that of the largest floating weight (quantized packages also hold
+        # float scales and fp8 storage, which are not what the model computes in).
+        floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
+        dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
+        # Pages are stored in the activations' dtype unless the graph quantizes them (quantize_kv
+        # writes int8 / float8_e4m3fn into plan.json): a quarter of float32's bytes buys 4x the pages.
+        kv_dtype = kv.get("dtype")
+        if kv_dtype and not isinstance(getattr(torch, kv_dtype, None), torch.dtype):
+            raise PackageError(f"plan.json: kv_cache.dtype {kv_dtype!r} is not a torch dtype; compile it again")
+        return cls(int(kv.get("page_size") or runtime.get("kv_page_size") or 16), layer_shapes, dtype,
+                   getattr(torch, kv_dtype) if kv_dtype else dtype)
+
+    def bytes_per_block(self) -> int:
+        return KVPool.bytes_per_block(self.block_size, self.layer_shapes, DTYPE_BYTES.get(self.kv_dtype, 4))
+
+    def pool(self, num_blocks: int, device: torch.device) -> KVPool:
+        return KVPool(num_blocks, self.block_size, self.kv_dtype, device, self.layer_shapes)
+
+
+def resolve_device(requested: str | None, plan: dict) -> torch.device:
+    """The device asked for, else the target's; a CUDA package on a machine without CUDA is an error."""
+    name = requested or plan.get("target", {}).get("device", "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PackageError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PackageError(f"the package targets {name} but this machine has no CUDA device; "
+                           "run it with --device cpu")
+    return device
+
+
+def stop_ids(package_dir: Path, tokenizer: PackageTokenizer | None) -> tuple[int, ...]:
+    """End-of-sequence ids: generation_config.json's (an int or a list, as HF generate uses them),
+    else the tokenizer's eos token."""
+    path = package_dir / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        return tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    return () if eos is None else (eos,)
