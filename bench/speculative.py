@@ -18,11 +18,12 @@ Two workloads of greedy requests, each ``--new-tokens`` long (EOS ignored):
 - ``repetitive``: code that repeats itself (codec tables, a statement over a run of names, test
   methods alike), where prompt lookup finds what comes next in the context.
 
-Each runs at batch 1 (one request at a time, where decoding is bound by the fixed cost of a step)
-and at batch 8 (all requests queued at once, continuous batching; the adaptive policy speculates
-less there). Modes (``--modes``): off, ngram, draft, and ngram-fixed / draft-fixed, which always
+Each runs at batch 1 (``max_num_seqs=1``: one request at a time, where decoding is bound by the
+fixed cost of a step) and at batch 8 (``max_num_seqs=8``: continuous batching refills the batch as
+requests finish; the adaptive policy speculates less there); all requests are queued at once. Modes (``--modes``): off, ngram, draft, and ngram-fixed / draft-fixed, which always
 propose ``--num-speculative-tokens`` (the adaptive policy switched off). They alternate within each
-repeat; the median wall time counts. "Target steps per token" counts, per request, the model steps
+repeat; the fastest of the repeats counts (on a machine other processes share, the least disturbed
+run is the one that says what the code costs). "Target steps per token" counts, per request, the model steps
 that gave it tokens over the tokens it got (1 for plain decoding). Every speculative run's outputs
 are checked token for token against plain decoding's.
 """
@@ -30,7 +31,6 @@ are checked token for token against plain decoding's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import re
@@ -148,23 +148,22 @@ def measure_saturation(engine, repeats: int = 15, context: int = 128) -> tuple[f
     return fixed / slope, fixed, slope
 
 
-def run(engine, prompts: list[list[int]], new_tokens: int, batch: int) -> tuple[float, list[list[int]], dict]:
-    """Generate for every prompt, ``batch`` requests in flight at a time; (seconds, outputs, metric
-    deltas, with ``target_steps``: the steps that gave each request tokens, summed)."""
+def run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]], dict]:
+    """Generate for every prompt, all queued at once (the engine's max_num_seqs is the batch);
+    (seconds, outputs, metric deltas, with ``target_steps``: the steps that gave each request tokens, summed)."""
     from llmc.runtime.sampler import SamplingParams
 
     before = engine.metrics()
     outputs: dict[str, list[int]] = {}
     target_steps = 0
     start = time.perf_counter()
-    for first in range(0, len(prompts), batch):
-        for i in range(first, min(first + batch, len(prompts))):
-            engine.add_request(str(i), prompts[i], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs[out.request_id] = out.output_token_ids
-                    target_steps += out.speculation.target_steps if out.speculation else len(out.output_token_ids)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.output_token_ids
+                target_steps += out.speculation.target_steps if out.speculation else len(out.output_token_ids)
     seconds = time.perf_counter() - start
     after = engine.metrics()
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
@@ -174,11 +173,11 @@ def run(engine, prompts: list[list[int]], new_tokens: int, batch: int) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draft-layers", type=int, default=2, help="decoder layers the draft keeps [2]")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per workload [8]")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per workload [16]")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request [64]")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="requests in flight [1 8]")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most proposals per step [4]")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the median counts [3]")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the fastest counts [5]")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads [1]")
     parser.add_argument("--device", default=None, help="cpu or cuda [the target's]")
     parser.add_argument("--target", default="cpu", help="llmc target to compile for [cpu]")
@@ -204,7 +203,6 @@ def main() -> None:
         package = compile_model(EXAMPLE, args.target, Path(tmp) / "pkg", draft=draft,
                                 num_speculative_tokens=args.num_speculative_tokens).out_dir
         modes = ["off"] + [m for m in args.modes if m != "off"]
-        config = EngineConfig(max_num_seqs=max(args.batches), max_num_batched_tokens=2048)
         saturation = None
         if args.saturation_tokens == "measure":
             saturation, fixed, per_token = measure_saturation(LLMEngine.from_package(package, device=args.device))
@@ -212,31 +210,33 @@ def main() -> None:
                   f"so S = {saturation:.1f} tokens", flush=True)
         elif args.saturation_tokens != "ridge":
             saturation = float(args.saturation_tokens)
-        engines = {mode: LLMEngine.from_package(package, device=args.device, config=dataclasses.replace(
-            config, speculative=mode.split("-")[0], adaptive_speculation=not mode.endswith("-fixed"),
-            speculative_saturation_tokens=saturation)) for mode in modes}
-        if "ngram" in modes:
-            print(engines["ngram"].speculator.describe(), flush=True)
-        tokenizer = engines["off"].tokenizer
+        engines = {(mode, batch): LLMEngine.from_package(package, device=args.device, config=EngineConfig(
+            max_num_seqs=batch, max_num_batched_tokens=2048, speculative=mode.split("-")[0],
+            adaptive_speculation=not mode.endswith("-fixed"), speculative_saturation_tokens=saturation))
+            for mode in modes for batch in args.batches}
+        for (mode, batch), engine in engines.items():
+            if batch == args.batches[0] and engine.speculator:
+                print(engine.speculator.describe(), flush=True)
+        tokenizer = engines["off", args.batches[0]].tokenizer
         workloads = {"code": code_prompts(args.prompts), "repetitive": repetitive_prompts(args.prompts)}
         rows = []
         for workload, texts in workloads.items():
             prompts = [tokenizer.encode(t) for t in texts]
             for batch in args.batches:
                 for mode in modes:  # warm-up: first-call allocations, thread pools
-                    run(engines[mode], prompts[:1], 4, 1)
+                    run(engines[mode, batch], prompts[:1], 4)
                 times = {mode: [] for mode in modes}
                 results = {}
                 for _ in range(args.repeats):
                     for mode in modes:
-                        seconds, outputs, delta = run(engines[mode], prompts, args.new_tokens, batch)
+                        seconds, outputs, delta = run(engines[mode, batch], prompts, args.new_tokens)
                         times[mode].append(seconds)
                         results[mode] = (outputs, delta)
-                base = statistics.median(times["off"])
+                base = min(times["off"])
                 for mode in modes:
                     outputs, delta = results[mode]
                     tokens = sum(len(o) for o in outputs)
-                    wall = statistics.median(times[mode])
+                    wall = min(times[mode])
                     rows.append({
                         "workload": workload, "batch": batch, "mode": mode, "tokens": tokens,
                         "target_steps": delta["target_steps"], "steps_per_token": delta["target_steps"] / tokens,
@@ -248,7 +248,7 @@ def main() -> None:
                         / max(1, delta.get("spec_verifications", 0)),
                         "same_as_plain": outputs == results["off"][0]})
                     print(_line(rows[-1]), flush=True)
-        draft_forwards = sum(e.speculator.proposer.forwards for m, e in engines.items() if m.startswith("draft"))
+        draft_forwards = sum(e.speculator.proposer.forwards for (m, _), e in engines.items() if m.startswith("draft"))
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
           f"draft = first {args.draft_layers} of 6 layers ({draft_forwards} draft forwards in all); "
           f"S = {saturation or 'the ridge point'}")
