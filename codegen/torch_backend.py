@@ -228,9 +228,15 @@ class _Scope:
 
 
 def prepare_lines(graph: Graph, device: str) -> list[str]:
-    """The body of model.py's ``prepare_weights(w)``: layouts derived from params once, at load."""
+    """The body of model.py's ``prepare_weights(w)``: layouts derived from params once, at load.
+    A param that only prepared ops read is dropped once its layout exists (its memory comes back)."""
     if device != "cpu":
         return []
+    readers: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        for ref in node.inputs:
+            if ref.startswith("@"):
+                readers.setdefault(ref, set()).add(node.op.name)
     lines: list[str] = []
     done: set[str] = set()
     for node in graph.nodes:
@@ -241,6 +247,8 @@ def prepare_lines(graph: Graph, device: str) -> list[str]:
         params = [_param_expr(r[1:]) if r.startswith("@") else r for r in node.inputs]
         suffixes, expr = make(params, {k: literal(v) for k, v in node.attrs})
         lines.append(f"{', '.join(prepared(params[1], s) for s in suffixes)} = {expr}")
+        if readers.get(node.inputs[1], set()) <= set(CPU_PREPARE):
+            lines.append(f"del {params[1]}")
     return lines
 
 

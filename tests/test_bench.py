@@ -163,8 +163,24 @@ def test_bench_online_workload_serves_every_request(tmp_path, tiny_llama, monkey
     for row in by_rate.values():
         assert row["failed"] == 0 and row["requests"] == 6
         assert len(row["ttft_samples_s"]) == 6 and row["ttft_s"]["p50"] > 0
+        assert row["itl_samples_s"] and row["itl_s"]["p50"] > 0, "tokens must stream one chunk at a time"
         assert row["output_tokens_per_s"] > 0
     assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 0
+
+
+def test_bench_models_tokenizer_streams_text_for_every_token(tmp_path):
+    """Without a tokenizer a package streams no text until the end, and the online workload would
+    time the whole request as its first token: bench models carry a placeholder one."""
+    from llmc.bench.models import placeholder_tokens, write_placeholder_tokenizer
+    from llmc.runtime.detokenizer import IncrementalDetokenizer
+    from llmc.runtime.tokenizer import PackageTokenizer
+
+    write_placeholder_tokenizer(tmp_path, 1000)
+    tokenizer = PackageTokenizer.from_dir(tmp_path)
+    assert tokenizer.encode("\u2581t5 t999") == [5, 999] and len(placeholder_tokens(1000)) == 1000
+    detokenizer = IncrementalDetokenizer(tokenizer, [4, 5])
+    pieces = [detokenizer.add(t) for t in (10, 11, 999, 3)]
+    assert all(pieces) and "".join(pieces) == " t10 t11 t999 t3"
 
 
 @pytest.mark.parametrize("args, message", [

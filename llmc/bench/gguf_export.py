@@ -98,10 +98,11 @@ def write_gguf(checkpoint: Path, out: Path, weight_type: str = "f32") -> Path:
 
 
 def _add_vocab(writer, vocab: int, gguf) -> None:
-    special = ["<unk>", "<s>", "</s>"]
-    tokens = special + [f"\u2581t{i}" for i in range(len(special), vocab)]
+    from .models import placeholder_tokens
+
+    tokens = placeholder_tokens(vocab)
     types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-             + [gguf.TokenType.NORMAL] * (vocab - len(special)))
+             + [gguf.TokenType.NORMAL] * (vocab - 3))
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0] * vocab)

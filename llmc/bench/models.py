@@ -53,6 +53,8 @@ def build_bench_model(name: str, root: Path | None = None) -> Path:
                         "or give a checkpoint or package directory")
     out = (root or cache_root()) / "models" / name
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        if not (out / "tokenizer.json").is_file():  # cached by an llmc without bench tokenizers
+            write_placeholder_tokenizer(out, BENCH_MODELS[name]["vocab_size"])
         return out
     import torch
     import transformers
@@ -63,8 +65,29 @@ def build_bench_model(name: str, root: Path | None = None) -> Path:
     model.generation_config.eos_token_id = None
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp, safe_serialization=True)
+    write_placeholder_tokenizer(tmp, config.vocab_size)
     tmp.replace(out) if not out.exists() else None
     return out
+
+
+def placeholder_tokens(vocab_size: int) -> list[str]:
+    """The bench models' vocabulary: ``<unk> <s> </s>``, then ``▁t3``, ``▁t4``, ... (one word each;
+    the GGUF the llama.cpp peer reads lists the same tokens)."""
+    return ["<unk>", "<s>", "</s>"] + [f"\u2581t{i}" for i in range(3, vocab_size)]
+
+
+def write_placeholder_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json over ``placeholder_tokens``: random weights give no meaningful
+    text, but every generated token decodes to some, so the server streams a chunk per token as it
+    would for a real model (the online workload times those chunks) and detokenization costs what
+    it costs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(placeholder_tokens(vocab_size))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))
 
 
 def is_package(path: Path) -> bool:

@@ -30,7 +30,7 @@ import torch
 
 from .block_manager import BlockTable, KVBlockManager
 from .detokenizer import IncrementalDetokenizer
-from .package import KVLayout, PackageError, load_model, read_plan, resolve_device, stop_ids
+from .package import KVLayout, PackageError, load_model, read_plan, resolve_device, stop_ids, tune_cpu_allocator
 from .paged_attention import batch_step, sequence_step
 from .sampler import SamplingParams, SequenceSampler, sample
 from .scheduler import Scheduler
@@ -104,6 +104,8 @@ class LLMEngine:
                  draft: tuple[Callable, dict[str, torch.Tensor], dict] | None = None):
         """``draft``: the draft model's ``(forward, weights, plan)`` for speculative decoding with one."""
         config = config or EngineConfig()
+        if device.type == "cpu":
+            tune_cpu_allocator()
         runtime = plan.get("target", {}).get("runtime", {})
         model = plan.get("model", {})
         self.forward = forward

@@ -4,7 +4,10 @@ the device and the stop ids. The engine (``engine.py``), the multi-process launc
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +111,32 @@ def resolve_device(requested: str | None, plan: dict) -> torch.device:
         raise PackageError(f"the package targets {name} but this machine has no CUDA device; "
                            "run it with --device cpu")
     return device
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep a CPU step's large temporaries off fresh pages; True when glibc's malloc was tuned.
+
+    glibc serves blocks above its mmap threshold (128 KiB at first) with newly mapped pages and
+    unmaps them on free, so every step's multi-MiB temporaries (page gathers, activations, logits)
+    page-fault in again: a third of a batch-16 decode step of a 150M model on the dev machine
+    (154 -> 121 ms per step, 37 -> 29 ms at batch 1 once tuned). The fix jemalloc/tcmalloc give
+    by LD_PRELOAD, in process: the mmap threshold at its maximum (32 MiB) and up to 1 GiB of freed
+    heap kept for reuse. Process-wide and idempotent; ``LLMC_CPU_MALLOC=default`` leaves malloc
+    alone; a no-op off Linux/glibc."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or os.environ.get("LLMC_CPU_MALLOC") == "default" or not sys.platform.startswith("linux"):
+        return _ALLOCATOR_TUNED
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30)
+                            and mallopt(m_top_pad, 64 << 20))
+    return _ALLOCATOR_TUNED
 
 
 def stop_ids(package_dir: Path, tokenizer: PackageTokenizer | None) -> tuple[int, ...]:
