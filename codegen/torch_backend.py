@@ -96,6 +96,7 @@ def prepared(expr: str, suffix: str) -> str:
 # the float32 GEMV speed at batch 1 on the dev machine); fp8 and 2:4 have no CPU kernel, so their
 # weights are expanded to float32 once at load (``prepare_weights``) and run as plain linears.
 CPU_EMITTERS: dict[str, Emitter] = {
+    "linear": lambda a, k: f"linear_cpu({', '.join(a)})",
     "linear_int8": lambda a, k: f"linear_int8_cpu({', '.join(a)})",
     "linear_w8a8": lambda a, k: f"linear_w8a8_cpu({', '.join(a)})",
     "linear_int4": lambda a, k: f"linear_int4_cpu({a[0]}, {prepared(a[1], 'int4pack')}, "
@@ -114,6 +115,7 @@ CPU_PREPARE: dict[str, Callable[[list[str], dict[str, Any]], tuple[list[str], st
 # Ops whose emitted code calls helpers the template defines (emitted only when used): op -> the
 # runtime functions whose source is copied into model.py, callees before callers.
 TEMPLATE_HELPERS = {
+    "linear": (functional.linear_cpu,),
     "rms_norm": (functional.rms_norm,),
     "rope": (functional.rope,),
     "attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv, functional.attention),

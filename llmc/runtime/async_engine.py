@@ -295,6 +295,7 @@ class AsyncEngine:
         for output in outputs:
             if output.finished:
                 live.discard(output.request_id)
+        self._refresh_stats()  # before the outputs go out: a client that reads /metrics next sees this step
         if outputs:
             self._call_soon(self._deliver, outputs)
 
