@@ -238,6 +238,16 @@ def _dequantized_gemm(em: OnnxEmitter, node, ins: list[str]) -> str:
     return em.node("Gemm", [ins[0], weight, *ins[3:]], transB=1)
 
 
+@emits("linear_bf16")  # bf16(bf16(x) @ W.T) + b: the roundings as Casts around a Gemm in x's dtype
+def linear_bf16(em, node, ins, attrs):
+    act = ONNX_DTYPES[str(_act_dtype(em, node.inputs[0])).removeprefix("torch.")]
+    bf16 = ONNX_DTYPES["bfloat16"]
+    x = em.node("Cast", [em.node("Cast", [ins[0]], to=bf16)], to=act)
+    y = em.node("Gemm", [x, em.node("Cast", [ins[1]], to=act)], transB=1)
+    y = em.node("Cast", [em.node("Cast", [y], to=bf16)], to=act)
+    return em.node("Add", [y, ins[2]]) if len(ins) > 2 else y
+
+
 @emits("linear_int8")  # x @ (q * s).T + b -> DequantizeLinear(q int8, s, axis=0); Gemm(transB=1)
 def linear_int8(em, node, ins, attrs):
     return _dequantized_gemm(em, node, ins)

@@ -104,6 +104,14 @@ def _check_out_dir(out_dir: Path) -> None:
         raise LlmcError(f"{out_dir} is not empty and holds no llmc package; choose a new or empty directory")
 
 
+def _activation_dtype(graph: Graph) -> str | None:
+    """The dtype the model computes in: its embedding's output (bf16 or quantized linears keep it)."""
+    for node in graph.nodes:
+        if node.op.name in ("embedding", "vocab_parallel_embedding"):
+            return node.type.dtype
+    return None
+
+
 def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, report: dict,
                    compile_report: Mapping[str, Any] | None = None,
                    speculative: Mapping[str, Any] | None = None) -> None:
@@ -128,7 +136,8 @@ def _write_package(root: Path, graph: Graph, target: Any, ckpt: Path | None, rep
         "weights": {"file": WEIGHTS_FILE, "tensors": len(graph.params), "bytes": n_bytes},
         "kv_cache": {"page_size": graph.meta.get("kv_page_size", target.runtime.kv_page_size),
                      "layers": graph.meta.get("kv_layers", {}),
-                     "dtype": graph.meta.get("kv_dtype")},  # stored dtype of quantized pages; null: activations
+                     "dtype": graph.meta.get("kv_dtype"),  # stored dtype of quantized pages; null: activations
+                     "activation_dtype": _activation_dtype(graph)},
         "graph": format_graph(graph).splitlines(),
     }
     if ranks is not None:

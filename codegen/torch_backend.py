@@ -69,6 +69,7 @@ EMITTERS: dict[str, Emitter] = {
     "cast": lambda a, k: f"{a[0]}.to(torch.{k['dtype'][1:-1]})",                      # dtype name literal
     # Quantized / sparse linears: the reference math (dequantize, then F.linear). On device cpu
     # CPU_EMITTERS below replace them with what measured fastest (bench/RESULTS.md).
+    "linear_bf16": lambda a, k: f"linear_bf16({', '.join(a)})",
     "linear_int8": lambda a, k: f"linear_int8({', '.join(a)})",
     "linear_int4": lambda a, k: f"linear_int4({', '.join(a[:4])}, {a[4] if len(a) > 4 else None}, "
                                 f"group_size={k['group_size']})",
@@ -93,10 +94,12 @@ def prepared(expr: str, suffix: str) -> str:
 
 
 # device cpu: int8, int4 and w8a8 run ATen's weight-only kernels (bfloat16 activations inside; 3-5x
-# the float32 GEMV speed at batch 1 on the dev machine); fp8 and 2:4 have no CPU kernel, so their
-# weights are expanded to float32 once at load (``prepare_weights``) and run as plain linears.
+# the float32 GEMV speed at batch 1 on the dev machine); bf16 runs MKL's bf16 GEMM where the CPU has
+# bf16 dot products and float32 elsewhere (``prepare_bf16_cpu``); fp8 and 2:4 have no CPU kernel, so
+# their weights are expanded to float32 once at load (``prepare_weights``) and run as plain linears.
 CPU_EMITTERS: dict[str, Emitter] = {
     "linear": lambda a, k: f"linear_cpu({', '.join(a)})",
+    "linear_bf16": lambda a, k: f"linear_bf16_cpu({', '.join([a[0], prepared(a[1], 'cpu'), *a[2:]])})",
     "linear_int8": lambda a, k: f"linear_int8_cpu({', '.join(a)})",
     "linear_w8a8": lambda a, k: f"linear_w8a8_cpu({', '.join(a)})",
     "linear_int4": lambda a, k: f"linear_int4_cpu({a[0]}, {prepared(a[1], 'int4pack')}, "
@@ -107,6 +110,7 @@ CPU_EMITTERS: dict[str, Emitter] = {
 }
 # op -> (derived tensors, the load-time expression computing them from the op's param names).
 CPU_PREPARE: dict[str, Callable[[list[str], dict[str, Any]], tuple[list[str], str]]] = {
+    "linear_bf16": lambda p, k: (["cpu"], f"prepare_bf16_cpu({p[1]})"),
     "linear_int4": lambda p, k: (["int4pack", "scales_and_zeros"],
                                  f"prepare_int4_cpu({p[1]}, {p[2]}, {p[3]}, {k['group_size']})"),
     "linear_fp8": lambda p, k: (["dense"], f"dequantize_fp8({p[1]}, {p[2]})"),
@@ -120,13 +124,16 @@ TEMPLATE_HELPERS = {
     "rope": (functional.rope,),
     "attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv, functional.attention),
     "paged_attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv,
-                        paged_attention.write_kv, paged_attention.attend, paged_attention.gather_pages,
+                        paged_attention.head_major_storage, paged_attention.write_kv,
+                        paged_attention.attend, paged_attention.gather_pages,
                         paged_attention.paged_decode_attention, paged_attention.paged_prefill_attention,
                         paged_attention.paged_attention),
     "select_rows": (paged_attention.select_rows,),
     "add_rms_norm": (functional.rms_norm, functional.add_rms_norm),
     "act_mul": (functional.act_mul,),
     "act_mul_packed": (functional.act_mul, functional.act_mul_packed),
+    "linear_bf16": (functional.linear_cpu, quant.linear_bf16, quant.has_bf16_dot, quant.prepare_bf16_cpu,
+                    quant.linear_bf16_cpu),
     "linear_int8": (quant.dequantize_int8, quant.linear_int8, quant.linear_int8_cpu),
     "linear_int4": (quant.unpack_int4, quant.dequantize_int4, quant.linear_int4, quant.prepare_int4_cpu,
                     quant.linear_int4_cpu),

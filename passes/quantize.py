@@ -1,8 +1,11 @@
-"""Quantize linear weights: int8 / int4 group-wise / fp8 weight-only, or W8A8 with SmoothQuant.
+"""Quantize linear weights: bf16 / int8 / int4 group-wise / fp8 weight-only, or W8A8 with SmoothQuant.
 
 Each selected ``linear(x, W, b)`` becomes the quantized op of its scheme (layouts in
 ``llmc/runtime/quant.py``), its storage computed from ``W`` when the package is written:
 
+- ``bf16``: the weight rounded to bfloat16 and a bf16 GEMM, ``linear_bf16``; activations stay in
+  the model's dtype between linears (float32 norms, attention and KV cache on the CPU target,
+  where float16 is unusable and bf16 elementwise math is no faster);
 - ``int8``: symmetric per output channel, ``linear_int8``; ``method: gptq`` corrects the rounding
   error column by column with the calibration Hessian (``passes/gptq.py``);
 - ``int4``: asymmetric group-wise (``group_size`` 32/64/128 inputs), two values per byte,
@@ -36,7 +39,7 @@ from llmc.runtime.quant import FP8_MAX, pack_int4
 
 
 class QuantizeOptions(PassOptions):
-    scheme: Literal["none", "int8", "int4", "fp8", "w8a8"] = "none"
+    scheme: Literal["none", "bf16", "int8", "int4", "fp8", "w8a8"] = "none"
     group_size: Literal[32, 64, 128] = 128          # int4
     method: Literal["rtn", "gptq"] = "rtn"          # int8 / int4: round-to-nearest or GPTQ
     act_order: bool = False                         # gptq
@@ -72,6 +75,11 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
                                       act_order=opts.act_order, damp=opts.damp)
         return gptq.rtn_quantize(w, bits=bits, group_size=group, symmetric=symmetric)
 
+    if scheme == "bf16":
+        return "linear_bf16", [
+            derived_param(f"{prefix}.qweight", (out, n), "bfloat16", lambda: weight.load().to(torch.bfloat16), "bf16",
+                          meta),
+        ], {}
     if scheme == "int8":
         res = cached(lambda: grid(weight.load().float(), 8, None, True))
         return "linear_int8", [
@@ -114,7 +122,7 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
 
 @register_pass("quantize", options=QuantizeOptions, requires=("canonical",), lossy=True)
 def quantize(graph: Graph, ctx: PassContext) -> PassResult:
-    """Quantize linear weights: int8 / int4 group-wise / fp8 weight-only, or W8A8 with SmoothQuant."""
+    """Quantize linear weights: bf16 / int8 / int4 group-wise / fp8 weight-only, or W8A8 with SmoothQuant."""
     opts: QuantizeOptions = ctx.options
     if opts.scheme == "none":
         return PassResult(graph, changed=False, stats={"quantized": 0})

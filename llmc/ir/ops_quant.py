@@ -27,6 +27,24 @@ def _check(name: str, x: TensorType, out: int, in_features: int, storage: dict[s
 
 
 
+@register_op("linear_bf16", ("x", "qweight", "bias?"))
+class LinearBf16:
+    """bfloat16 weight and GEMM: ``x`` rounded to bfloat16, products accumulated in float32, the
+    result rounded to bfloat16 and returned in ``x``'s dtype, then ``+ bias``. Half float32's bytes,
+    and the CPU's native bf16 dot products (AVX-512 BF16, AMX) where it has them."""
+
+    @staticmethod
+    def infer(types, attrs):
+        x, q = types[:2]
+        out, n = q.shape
+        return _check("linear_bf16", x, out, n, {"qweight": (q, (out, n), "bfloat16")},
+                      types[2] if len(types) > 2 else None)
+
+    @staticmethod
+    def reference(ctx, inputs, attrs):
+        return quant.linear_bf16(*inputs)
+
+
 @register_op("linear_int8", ("x", "qweight", "scale", "bias?"))
 class LinearInt8:
     """Weight-only int8, symmetric per output channel: ``x @ (q * scale[:, None]).T + bias``."""

@@ -85,10 +85,7 @@ def scratch_page(pool):
     """The id of the pool's scratch page (one past the pages the block manager owns), appended to
     every layer's pages on first use."""
     if getattr(pool, "scratch_page", None) is None:
-        for pages in (pool.k, pool.v):
-            for layer, tensor in list(pages.items()):
-                pages[layer] = torch.cat([tensor, torch.zeros_like(tensor[:1])])
-        pool.scratch_page = pool.num_blocks
+        pool.scratch_page = pool.add_page()
     return pool.scratch_page
 
 

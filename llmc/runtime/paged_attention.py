@@ -1,7 +1,8 @@
 """Attention over a paged KV cache: the page pool, one step's attention metadata, and the math.
 
 The KV cache of every layer is a pool of fixed-size pages, ``[num_blocks, block_size, kv_heads,
-head_dim]``; a sequence owns a list of page ids (its *block table*) and token ``i`` of the sequence
+head_dim]`` as indexed (on CPU a view of head-major storage ``[kv_heads, num_blocks, block_size,
+head_dim]``, see ``KVPool``); a sequence owns a list of page ids (its *block table*) and token ``i`` of the sequence
 lives in page ``block_table[i // block_size]`` at row ``i % block_size``. One forward step runs the
 tokens of many sequences flattened together (``[T, features]``): decodes (one query token each)
 first, then prefill chunks. ``paged_attention`` first writes every new token's k/v into its slot
@@ -28,28 +29,54 @@ class KVPool:
     """The K and V pages of every layer, allocated up front (``layer_shapes``) or on first use.
 
     ``dtype`` is the activations' dtype, or ``torch.int8`` / ``torch.float8_e4m3fn`` when the graph
-    quantizes the KV cache (one byte per element: a quarter of float32's pages' bytes)."""
+    quantizes the KV cache (one byte per element: a quarter of float32's pages' bytes).
 
-    def __init__(self, num_blocks, block_size, dtype=torch.float32, device="cpu", layer_shapes=None):
+    Every layer's pages are indexed ``[num_blocks, block_size, kv_heads, head_dim]``. With
+    ``head_major`` (the default on CPU) that is a permuted view of storage laid out ``[kv_heads,
+    num_blocks, block_size, head_dim]``: a page of one KV head is then one contiguous
+    ``block_size * head_dim`` run, so ``gather_pages`` gathers a batch's pages straight into the
+    head-major layout ``attend`` multiplies, one pass over the cache instead of a gather and a
+    transposing copy (bench/RESULTS.md). Code that uses strides (the Triton kernels) reads either."""
+
+    def __init__(self, num_blocks, block_size, dtype=torch.float32, device="cpu", layer_shapes=None,
+                 head_major=None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
+        self.head_major = self.device.type == "cpu" if head_major is None else head_major
         self.k = {}
         self.v = {}
         for layer, (kv_heads, head_dim, v_head_dim) in (layer_shapes or {}).items():
             self._allocate(layer, kv_heads, head_dim, v_head_dim)
 
+    def _pages(self, num_blocks, kv_heads, head_dim):
+        if self.head_major:
+            storage = torch.zeros(kv_heads, num_blocks, self.block_size, head_dim, dtype=self.dtype, device=self.device)
+            return storage.permute(1, 2, 0, 3)
+        return torch.zeros(num_blocks, self.block_size, kv_heads, head_dim, dtype=self.dtype, device=self.device)
+
     def _allocate(self, layer, kv_heads, head_dim, v_head_dim):
-        shape = (self.num_blocks, self.block_size, kv_heads)
-        self.k[layer] = torch.zeros(*shape, head_dim, dtype=self.dtype, device=self.device)
-        self.v[layer] = torch.zeros(*shape, v_head_dim, dtype=self.dtype, device=self.device)
+        self.k[layer] = self._pages(self.num_blocks, kv_heads, head_dim)
+        self.v[layer] = self._pages(self.num_blocks, kv_heads, v_head_dim)
 
     def layer(self, layer, kv_heads, head_dim, v_head_dim):
         """The (k, v) pages of ``layer``; allocated on the first call when not sized up front."""
         if layer not in self.k:
             self._allocate(layer, kv_heads, head_dim, v_head_dim)
         return self.k[layer], self.v[layer]
+
+    def add_page(self):
+        """Append one zeroed page to every layer (same layout) and return its id; the block manager
+        never hands it out (the bucketing pass's scratch page)."""
+        page = self.num_blocks + getattr(self, "extra_pages", 0)
+        for pages in (self.k, self.v):
+            for layer, tensor in list(pages.items()):
+                grown = self._pages(page + 1, tensor.shape[2], tensor.shape[3])
+                grown[:page] = tensor
+                pages[layer] = grown
+        self.extra_pages = getattr(self, "extra_pages", 0) + 1
+        return page
 
     @staticmethod
     def bytes_per_block(block_size, layer_shapes, dtype_bytes):
@@ -64,6 +91,13 @@ class KVPool:
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         for pages in (*self.k.values(), *self.v.values()):
             pages[dst] = pages[src]
+
+
+def head_major_storage(pages):
+    """The ``[kv_heads, num_blocks, block_size, D]`` storage behind head-major ``pages``, or None
+    when the pages are laid out as indexed."""
+    storage = pages.permute(2, 0, 1, 3)
+    return storage if storage.is_contiguous() and not pages.is_contiguous() else None
 
 
 @dataclass
@@ -93,10 +127,15 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, kv_dtype=None, k_scale=None, 
     if kv_dtype:
         k, v = quantize_kv(k, k_scale, kv_dtype), quantize_kv(v, v_scale, kv_dtype)
     for pages, new in ((k_pages, k), (v_pages, v)):
-        flat, new = pages.view(-1, *pages.shape[2:]), new.to(pages.dtype)
+        new = new.to(pages.dtype)
+        storage = head_major_storage(pages)
+        if storage is not None:  # [KVH, slots, D]: each head's rows of this step, [KVH, T, D]
+            flat, new, dim = storage.view(storage.shape[0], -1, storage.shape[3]), new.transpose(0, 1), 1
+        else:
+            flat, dim = pages.view(-1, *pages.shape[2:]), 0
         if pages.element_size() == 1:  # copied as bytes: there is no CPU index_copy_ for float8
             flat, new = flat.view(torch.uint8), new.view(torch.uint8)
-        flat.index_copy_(0, slot_mapping, new)
+        flat.index_copy_(dim, slot_mapping, new)
 
 
 def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap):
@@ -168,21 +207,29 @@ def sequence_step(pool, blocks, positions, logits_indices=None):
 
 
 def gather_pages(pages, block_tables, length, scale=None):
-    """The first ``length`` cached rows of each sequence, float32 and head-major [KVH, B, length, D]
-    (dequantized with the per-KV-head ``scale`` when the pages are int8/fp8).
+    """The cached rows of each sequence's first ``length`` positions, float32 and head-major
+    [KVH, B, S, D] with S = ``length`` rounded up to whole pages (rows past a sequence's length
+    are whatever its pages hold: ``attend`` masks them); dequantized with the per-KV-head
+    ``scale`` when the pages are int8/fp8.
 
-    One row gather of whole pages (``index_select`` over contiguous page rows, the fastest CPU
-    gather measured) and one copy into the head-major layout ``attend`` multiplies without copying."""
+    Head-major pages (``KVPool``): one ``index_select`` of whole pages per head is the result.
+    Otherwise one row gather of whole pages and a copy into the head-major layout."""
     num_blocks, block_size, kvh, d = pages.shape
     width = -(-length // block_size)  # pages that hold them
-    flat = pages.view(num_blocks, -1)
+    index = block_tables[:, :width].flatten()
+    storage = head_major_storage(pages)
+    flat = storage.view(kvh, num_blocks, -1) if storage is not None else pages.view(num_blocks, -1)
     if pages.element_size() == 1:  # gathered as bytes: there is no CPU index_select for float8
         flat = flat.view(torch.uint8)
-    rows = flat.index_select(0, block_tables[:, :width].flatten()).view(pages.dtype)
-    rows = rows.view(len(block_tables), width * block_size, kvh, d)[:, :length]
+    if storage is not None:
+        rows = flat.index_select(1, index).view(pages.dtype).view(kvh, len(block_tables), width * block_size, d)
+        if scale is not None:
+            return rows.float() * scale.view(kvh, 1, 1, 1)
+        return rows.float()
+    rows = flat.index_select(0, index).view(pages.dtype).view(len(block_tables), width * block_size, kvh, d)
     if scale is not None:  # quantized pages: float32 values before attention
         rows = dequantize_kv(rows, scale)
-    out = torch.empty((kvh, len(block_tables), length, d), dtype=torch.float32, device=pages.device)
+    out = torch.empty((kvh, len(block_tables), width * block_size, d), dtype=torch.float32, device=pages.device)
     return out.copy_(rows.permute(2, 0, 1, 3))
 
 

@@ -1,12 +1,13 @@
 """Quantized and sparse weight formats: the storage layouts, their dequantization, and the matmuls.
 
-These functions are the math of llmc's quantized ops (``linear_int8``, ``linear_int4``,
+These functions are the math of llmc's quantized ops (``linear_bf16``, ``linear_int8``, ``linear_int4``,
 ``linear_fp8``, ``linear_w8a8``, ``linear_24``): the IR references in ``llmc/ir/ops_quant.py`` call
 them, the quantize/prune passes produce the layouts, and the torch backend copies them into every
 generated model.py. Runtime code: imports torch only.
 
 Layouts (weights are ``[out, in]`` like ``F.linear``; a GPU kernel reads exactly these bytes):
 
+- **bf16**: ``qweight`` bfloat16 ``[out, in]``, the weight rounded to nearest (half float32's bytes).
 - **int8** (weight-only, symmetric, per output channel): ``qweight`` int8 ``[out, in]``, ``scale``
   float32 ``[out]``; ``w = qweight * scale[:, None]``.
 - **int4** (weight-only, asymmetric, group-wise along ``in``): ``qweight`` uint8 ``[out, in // 2]``,
@@ -27,7 +28,18 @@ Layouts (weights are ``[out, in]`` like ``F.linear``; a GPU kernel reads exactly
 import torch
 import torch.nn.functional as F
 
+from .functional import linear_cpu
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+# ---- bf16 ----------------------------------------------------------------------------------------
+
+def linear_bf16(x, qweight, bias=None):
+    """``x`` in bfloat16 times the bfloat16 weight (float32 accumulation, bfloat16 result), in x's
+    dtype, ``+ bias``."""
+    y = F.linear(x.to(torch.bfloat16), qweight).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 # ---- int8 ----------------------------------------------------------------------------------------
@@ -132,6 +144,30 @@ def linear_24(x, values, meta, bias=None):
 
 
 # ---- CPU fast paths (chosen by the torch backend for device cpu; measured in bench/RESULTS.md) ----
+
+def has_bf16_dot():
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX); elsewhere a bfloat16
+    GEMM is emulated and runs slower than float32."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check()) or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def prepare_bf16_cpu(qweight):
+    """The CPU layout of a bf16 linear's weight: itself where the CPU has bf16 dot products, else
+    expanded to float32 once at load (then the linear is a float32 GEMM, exact in the weight)."""
+    return qweight if has_bf16_dot() else qweight.float()
+
+
+def linear_bf16_cpu(x, weight, bias=None):
+    """``linear_bf16`` on the CPU target. bfloat16 weights: one bf16 GEMM, with 2+ rows as ``(W @ xᵀ)ᵀ``
+    (the transposed small-M GEMM is faster, as for float32: ``functional.linear_cpu``); float32 (no
+    bf16 hardware, ``prepare_bf16_cpu``): the float32 linear."""
+    if weight.dtype != torch.bfloat16:
+        return linear_cpu(x, weight, bias)
+    xb = x.to(torch.bfloat16)
+    y = (torch.mm(weight, xb.t()).t() if x.dim() == 2 and len(x) > 1 else F.linear(xb, weight)).to(x.dtype)
+    return y if bias is None else y + bias
+
 
 def linear_int8_cpu(x, qweight, scale, bias=None):
     """ATen's weight-only int8 GEMM; its fast path wants bfloat16 activations and scales."""

@@ -11,6 +11,11 @@ PAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
                "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
+def head_major(pages):
+    """The same pages stored head-major, as CPU ``KVPool``s hold them (a permuted view)."""
+    return pages.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+
+
 def paged_cache(seq_lens, kv_heads, head_dim, v_dim, page_size, kv_dtype, seed=0):
     """Pages holding ``seq_lens[i]`` keys of each sequence, scattered over a shuffled pool.
 

@@ -48,6 +48,16 @@ def test_int4_export_uses_matmulnbits_and_matches_llmc_int4(exported):
     assert max_diff(pairs) <= INT4_ATOL, f"max abs logit diff {max_diff(pairs):.3g}"
 
 
+def test_bf16_export_matches_llmc_bf16(exported):
+    """linear_bf16 exports as Casts around a float32 Gemm: the same roundings as the reference."""
+    path, graph = exported("llama", "quantize.scheme=bf16")
+    model = onnx.load(str(path))
+    assert sum(n.op.name == "linear_bf16" for n in graph.nodes) == 8
+    assert sum(n.op_type == "Gemm" for n in model.graph.node) >= 8
+    pairs = decode_side_by_side(path, graph)
+    assert max_diff(pairs) <= INT4_ATOL, f"max abs logit diff {max_diff(pairs):.3g}"
+
+
 @pytest.mark.parametrize("out_features,in_features,group", [(5, 96, 32), (8, 64, 16), (3, 128, 128)])
 def test_matmulnbits_repacking_matches_linear_int4(out_features, in_features, group, tmp_path):
     """Odd block counts pad the packed zero points; llmc's nibble order must survive repacking."""

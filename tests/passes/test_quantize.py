@@ -21,7 +21,7 @@ from llmc.runtime import quant
 from llmc.target import load_target
 
 PROMPT = [5, 17, 99, 3, 42, 8, 11, 64, 1, 2, 77, 31, 9, 120, 45, 6, 23]
-WEIGHT_ONLY = {"int8": "linear_int8", "int4": "linear_int4", "fp8": "linear_fp8"}
+WEIGHT_ONLY = {"bf16": "linear_bf16", "int8": "linear_int8", "int4": "linear_int4", "fp8": "linear_fp8"}
 FP8_TARGET = ["dtypes=[float32, bfloat16, float16, float8_e4m3fn]"]
 
 
@@ -46,7 +46,9 @@ def dequantized_weights(graph, quantized):
             continue
         stored = [params[r[1:]] for r in node.inputs[1:] if r.startswith("@")]
         source = quantized.param_map[node.inputs[1][1:]].quant["source"]
-        if node.op.name == "linear_int8":
+        if node.op.name == "linear_bf16":
+            out[source] = stored[0].float()
+        elif node.op.name == "linear_int8":
             out[source] = quant.dequantize_int8(*stored[:2])
         elif node.op.name == "linear_int4":
             out[source] = quant.dequantize_int4(*stored[:3], node.attr("group_size"))
@@ -75,7 +77,40 @@ def test_weight_only_equals_the_original_graph_on_dequantized_weights(tiny, sche
     assert 0 < moved < 0.5 * logits(tiny).abs().max().item()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8", "w8a8"])
+def test_bf16_rounds_weights_activations_and_outputs_once(tiny):
+    """bf16 stores W rounded to bfloat16 and its GEMM rounds x and the result: against the original
+    graph on the same rounded weights only the activation roundings remain (~0.4% each, well under
+    2% of the logits' scale), and the stored weight is W rounded to nearest."""
+    result = run_pass(tiny, scheme="bf16")
+    weights = {p.name: p.load() for p in tiny.params}
+    rounded = dequantized_weights(tiny, result.graph)
+    assert all(torch.equal(w, weights[name].to(torch.bfloat16).float()) for name, w in rounded.items())
+    weights.update(rounded)
+    got, ref = logits(result.graph), logits(tiny, weights)
+    assert 0 < (got - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    assert result.stats["bytes_after"] * 2 == result.stats["bytes_before"] == result.stats["bf16_bytes"] * 2
+
+
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 5, 7), (3, 33, 20), (17, 8, 129)])
+def test_linear_bf16_math_and_cpu_paths(rows, out_features, in_features):
+    """linear_bf16 = float32 sums of bf16-rounded products, rounded to bf16; the CPU path (bf16
+    GEMM, transposed for 2+ rows) and its float32 fallback (a CPU without bf16 dot products) agree."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen)
+    exact = x.to(torch.bfloat16).double() @ w.double().t()
+    plain, got = quant.linear_bf16(x, w), quant.linear_bf16(x, w, bias)
+    assert got.dtype == torch.float32 and torch.equal(plain, plain.to(torch.bfloat16).float())
+    assert torch.equal(got, plain + bias)
+    assert (plain.double() - exact).abs().max() <= exact.abs().max() * 2 ** -8
+    assert (quant.linear_bf16_cpu(x, w, bias) - got).abs().max() <= exact.abs().max() * 2 ** -7
+    fallback = quant.linear_bf16_cpu(x, w.float(), bias)  # prepare_bf16_cpu without bf16 hardware
+    assert ((fallback - bias).double() - x.double() @ w.double().t()).abs().max() < 1e-4
+    assert quant.prepare_bf16_cpu(w).dtype == (torch.bfloat16 if quant.has_bf16_dot() else torch.float32)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "fp8", "w8a8"])
 def test_match_counts_and_ops_before_after(tiny, scheme):
     result = run_pass(tiny, scheme=scheme, group_size=32)
     n = len(expected_linears(tiny))
@@ -118,7 +153,7 @@ def test_errors_name_the_weight_or_the_target(tiny):
         run_pass(tiny, target=load_target("cpu"), scheme="fp8")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8", "w8a8"])
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4", "fp8", "w8a8"])
 def test_compiled_package_runs_the_scheme_on_cpu(tmp_path, scheme):
     """The package (CPU fast paths: ATen int8/int4 kernels with bfloat16 activations; fp8 expanded
     at load) agrees with the interpreter on the quantized graph. bfloat16 activations round to 8

@@ -18,12 +18,15 @@ from llmc.runtime.paged_attention import KVPool, PagedStep, paged_attention
 ATOL = 1e-5
 
 
-def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=None, softcap=None, quant=None):
+def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=None, softcap=None, quant=None,
+             head_major=True):
     """``seqs``: (cached tokens before the step, new tokens) per sequence, decodes (new == 1) first.
-    ``quant``: the kv_dtype / k_scale / v_scale attrs of a quantized cache (pages of that dtype)."""
+    ``quant``: the kv_dtype / k_scale / v_scale attrs of a quantized cache (pages of that dtype).
+    ``head_major``: the pool's storage layout (CPU pools are head-major, GPU pools page-major)."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
-    pool = KVPool(num_blocks, block_size, getattr(torch, quant["kv_dtype"]) if quant else torch.float32)
+    pool = KVPool(num_blocks, block_size, getattr(torch, quant["kv_dtype"]) if quant else torch.float32,
+                  head_major=head_major)
     order = torch.randperm(num_blocks, generator=g).tolist()   # pages handed out scattered
     attrs = dict(layer=0, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                  scale=head_dim ** -0.5, causal=True, sliding_window=sliding_window, softcap=softcap,
@@ -66,11 +69,12 @@ def as_stored(x, quant, which):
     return functional.quantize_kv(x, quant[f"{which}_scale"], quant["kv_dtype"]) if quant else x
 
 
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "page-major"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 2, 16, 4), (6, 3, 8, 5), (3, 1, 12, 16),
                                                                 (2, 2, 10, 1)])
-def test_mixed_batch_matches_contiguous_attention(heads, kv_heads, head_dim, block_size):
+def test_mixed_batch_matches_contiguous_attention(heads, kv_heads, head_dim, block_size, head_major):
     seqs = [(0, 1), (6, 1), (17, 1), (0, 9), (5, 7), (11, 3)]   # 3 decodes, a fresh prompt, 2 later chunks
-    out, expected = run_case(0, heads, kv_heads, head_dim, block_size, seqs)
+    out, expected = run_case(0, heads, kv_heads, head_dim, block_size, seqs, head_major=head_major)
     assert out.shape == expected.shape
     assert (out - expected).abs().max().item() < ATOL
 
@@ -108,14 +112,28 @@ def run_case_swapped(*args):
         PagedStep.__init__ = original
 
 
-def test_pool_copy_blocks_copies_every_layer():
-    pool = KVPool(4, 2, layer_shapes={0: (1, 2, 2), 3: (1, 2, 2)})
+def test_pool_layouts():
+    """CPU pools store K/V head-major behind the same [pages, rows, heads, D] indexing; pages
+    added later (the bucketing scratch page) keep the layout and the contents."""
+    pool = KVPool(3, 4, layer_shapes={0: (2, 8, 8)})
+    assert pool.head_major and pool.k[0].shape == (3, 4, 2, 8)
+    assert pool.k[0].permute(2, 0, 1, 3).is_contiguous() and not pool.k[0].is_contiguous()
+    pool.k[0][1, 2, 1] = 7.0
+    assert pool.add_page() == 3 and pool.k[0].shape == (4, 4, 2, 8) and pool.k[0].permute(2, 0, 1, 3).is_contiguous()
+    assert pool.k[0][1, 2, 1].eq(7.0).all() and pool.k[0].sum() == 7.0 * 8
+    assert KVPool(3, 4, device="meta", layer_shapes={0: (2, 8, 8)}).k[0].is_contiguous()  # non-CPU: page-major
+
+
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "page-major"])
+def test_pool_copy_blocks_copies_every_layer(head_major):
+    pool = KVPool(4, 2, layer_shapes={0: (1, 2, 2), 3: (2, 2, 2)}, head_major=head_major)
     for layer in (0, 3):
         pool.k[layer][1] = layer + 1.0
         pool.v[layer][1] = layer + 2.0
     pool.copy_blocks([(1, 2)])
     for layer in (0, 3):
         assert torch.equal(pool.k[layer][2], pool.k[layer][1]) and torch.equal(pool.v[layer][2], pool.v[layer][1])
+    assert not torch.equal(pool.k[0][0], pool.k[0][1])
     assert KVPool.bytes_per_block(2, {0: (1, 2, 2), 3: (1, 2, 2)}, 4) == 2 * 4 * 2 * (2 + 2)
 
 
@@ -123,12 +141,13 @@ def test_pool_copy_blocks_copies_every_layer():
 KV_QUANT = dict(k_scale=(0.03, 0.04), v_scale=(0.035, 0.025))
 
 
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "page-major"])
 @pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
-def test_quantized_pages_match_the_quantized_contiguous_reference(kv_dtype):
+def test_quantized_pages_match_the_quantized_contiguous_reference(kv_dtype, head_major):
     """int8 / fp8 pages (written by write_kv, read back dequantized) give what the contiguous
     reference computes over dequantize(quantize(k)); and not what unquantized attention gives."""
     seqs = [(0, 1), (6, 1), (17, 1), (0, 9), (5, 7)]
-    out, expected = run_case(3, 4, 2, 8, 4, seqs, quant=dict(KV_QUANT, kv_dtype=kv_dtype))
+    out, expected = run_case(3, 4, 2, 8, 4, seqs, quant=dict(KV_QUANT, kv_dtype=kv_dtype), head_major=head_major)
     assert (out - expected).abs().max().item() < ATOL
     plain, _ = run_case(3, 4, 2, 8, 4, seqs)
     assert (out - plain).abs().max().item() > 1e-4
