@@ -8,6 +8,7 @@ model, and the graph properties it ``requires`` and ``provides`` (attention lowe
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -287,12 +288,28 @@ def run_pipeline(graph: Graph, target: Target, *, source: str = "<target>", dump
 
 # ---- cache identity ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
+def generated_code_hash() -> str:
+    """sha256 over the sources a package's code comes from (codegen, its templates, and the runtime
+    whose functions are copied into model.py): a package built by other code is not reused."""
+    import llmc.codegen
+    import llmc.runtime
+
+    digest = hashlib.sha256()
+    for package in (llmc.codegen, llmc.runtime):
+        root = Path(package.__file__).parent
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".jinja") and p.is_file()):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(target: Target, checkpoint_dir: str | Path, passes: Sequence[tuple[PassInfo, BaseModel]],
               extra: Mapping[str, Any] | None = None) -> str:
     """sha256 over what can change the output: llmc version, each pass's name, source hash and
     options, the whole target record, the checkpoint files, and ``extra`` (codegen's own inputs)."""
     identity = {
         "llmc": llmc.__version__,
+        "codegen_runtime_sha256": generated_code_hash(),
         "passes": [{"name": info.name, "source_sha256": info.source_hash,
                     "options": options.model_dump(mode="json")} for info, options in passes],
         "target": target.model_dump(mode="json", by_alias=True, exclude={"pipeline"}),  # passes cover it

@@ -188,7 +188,9 @@ def test_straight_line_code_matches_too(compiled):
     kv = PagedSequenceKV()  # the interpreter's one-sequence paged cache has the runtime's step fields
     kv.begin_step(torch.arange(len(ids)))
     logits = namespace["forward"](engine.weights, torch.tensor(ids), torch.arange(len(ids)), kv)
-    assert torch.equal(logits["logits"], engine.prefill(ids))
+    # The engine pads the prompt to its shape bucket, and CPU linears pick their GEMM form by row
+    # count (functional.linear_cpu): the same products in another summation order.
+    assert torch.allclose(logits["logits"], engine.prefill(ids), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, fragment", [

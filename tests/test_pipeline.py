@@ -12,6 +12,7 @@ import pytest
 
 from llmc.errors import PipelineError, TargetError
 from llmc.ir import Graph, GraphBuilder, Param, T, TensorType, format_graph
+from llmc import pipeline as pipeline_module
 from llmc.pipeline import (PASSES, PassOptions, PassRegistry, PassResult, cache_key, register_pass, run_pipeline,
                            validate_pipeline)
 from llmc.target import load_target
@@ -149,7 +150,7 @@ class Factor(PassOptions):
     factor: float = 1.0
 
 
-def test_cache_key_changes_with_options_sources_target_and_checkpoint(tmp_path):
+def test_cache_key_changes_with_options_sources_target_and_checkpoint(tmp_path, monkeypatch):
     registry = PassRegistry()
     register_pass("scaled", options=Factor, registry=registry)(keep)
     ckpt = tmp_path / "ckpt"
@@ -171,5 +172,10 @@ def test_cache_key_changes_with_options_sources_target_and_checkpoint(tmp_path):
     [(info, options)] = validate_pipeline(target, source, registry)
     edited = dataclasses.replace(info, source_hash="0" * 64)
     assert cache_key(target, ckpt, [(edited, options)]) != base  # the pass's source
+    real = pipeline_module.generated_code_hash()
+    assert len(real) == 64 and key({"factor": 2.0}) == base
+    monkeypatch.setattr(pipeline_module, "generated_code_hash", lambda: "1" * 64)
+    assert key({"factor": 2.0}) != base                  # codegen / runtime sources (model.py's code)
+    monkeypatch.undo()
     (ckpt / "model.safetensors").write_bytes(b"\1" + b"\0" * 63)
     assert key({"factor": 2.0}) != base                  # the checkpoint's bytes

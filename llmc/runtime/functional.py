@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 
 def linear_cpu(x, weight, bias=None):
-    """``F.linear`` for the CPU target: with 2+ rows computed as ``(W @ xᵀ)ᵀ``, because MKL's GEMM
-    for few rows by many output features runs 1.2-3x faster transposed (decode batches of 2-256
-    rows through a 150M model's layer shapes, float32, on the dev machine's AMD EPYC; bench/RESULTS.md).
-    Same products, another summation order (float32 rounding)."""
-    if x.dim() != 2 or x.shape[0] < 2 or x.dtype != torch.float32:
+    """``F.linear`` for the CPU target: with 2-64 rows computed as ``(W @ xᵀ)ᵀ``, because MKL's GEMM
+    for few rows by many output features runs 1.2-3x faster transposed (decode batches through a
+    150M model's layer shapes, float32, on the dev machines' AMD EPYC); from ~128 rows (prefill) the
+    plain GEMM is as fast or faster (1.5x at 512 rows by 6144 outputs: the transposed result's copy
+    back costs more than it saves; bench/RESULTS.md). Same products, another summation order."""
+    if x.dim() != 2 or not 2 <= x.shape[0] <= 64 or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     y = torch.mm(weight, x.t()).t().contiguous()
     return y if bias is None else y + bias

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .functional import dequantize_kv, quantize_kv, rope
 
@@ -116,6 +117,7 @@ class PagedStep:
     query_start: list            # B + 1 python ints
     num_decodes: int
     logits_indices: torch.Tensor = None  # [S] rows whose logits are sampled (select_rows); None = all
+    decode_groups: list = None   # the decodes grouped by length (``decode_groups``), set on first use
 
     def begin_step(self, positions):
         """Nothing to prepare: the runtime built this step's metadata (single-sequence caches do more)."""
@@ -138,18 +140,18 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, kv_dtype=None, k_scale=None, 
         flat.index_copy_(dim, slot_mapping, new)
 
 
-def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap):
-    """Attention of ``q`` [B, Tq, H, D] over ``keys`` [KVH, B, S, D] / ``values`` [KVH, B, S, Dv]
-    (head-major, as ``gather_pages`` returns them).
+def attention_probs(q, keys, q_pos, k_len, scale, causal, sliding_window, softcap):
+    """The attention weights of ``q`` [B, Tq, H, D] over ``keys`` [KVH, B, S, D] (head-major, as
+    ``gather_pages`` returns them): [KVH, B, G, Tq, S], G = H // KVH query heads per KV head.
 
     Key j of row b sits at position j and exists when ``j < k_len[b]``; query t of row b is at
-    ``q_pos[b, t]``. GQA groups queries per KV head instead of repeating K/V. float32 math.
+    ``q_pos[b, t]``. GQA groups queries per KV head instead of repeating K. float32 math.
     """
     b, tq, h, d = q.shape
     kvh, s = keys.shape[0], keys.shape[2]
     g = h // kvh
     # Queries grouped per KV head, [KVH*B, G*Tq, D]: one batched matmul per (KV head, sequence)
-    # reads each key once. Head-major K/V flatten to the batch dim as views, and Kᵀ is a
+    # reads each key once. Head-major K flattens to the batch dim as a view, and Kᵀ is a
     # transposed view BLAS takes as is: no copy of the cache beyond the gather.
     qg = q.float().reshape(b, tq, kvh, g, d).permute(2, 0, 3, 1, 4).reshape(kvh * b, g * tq, d)
     scores = torch.bmm(qg, keys.flatten(0, 1).transpose(1, 2)).view(kvh, b, g, tq, s) * scale
@@ -162,9 +164,35 @@ def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap
     if sliding_window:
         allowed = allowed & (q_pos[:, :, None] - kpos[None, None, :] < sliding_window)
     scores = scores.masked_fill(~allowed[None, :, None], -math.inf)          # [KVH, B, G, Tq, S]
-    probs = torch.softmax(scores, -1).view(kvh * b, g * tq, s)
-    out = torch.bmm(probs, values.flatten(0, 1)).view(kvh, b, g, tq, -1)     # [KVH, B, G, Tq, Dv]
+    return torch.softmax(scores, -1)
+
+
+def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap):
+    """Attention of ``q`` [B, Tq, H, D] over ``keys`` [KVH, B, S, D] / ``values`` [KVH, B, S, Dv]
+    (``attention_probs``, then one batched matmul with the values): [B, Tq, H*Dv], float32."""
+    probs = attention_probs(q, keys, q_pos, k_len, scale, causal, sliding_window, softcap)
+    kvh, b, g, tq, s = probs.shape
+    out = torch.bmm(probs.view(kvh * b, g * tq, s), values.flatten(0, 1)).view(kvh, b, g, tq, -1)
     return out.permute(1, 3, 0, 2, 4).reshape(b, tq, -1)
+
+
+def weighted_value_rows(storage, block_tables, probs):
+    """``probs`` [KVH, B, G, 1, S] times each sequence's values, read in place from head-major
+    value storage [KVH, pages, block_size, Dv] through the block tables: [B, KVH*G*Dv].
+
+    One ``embedding_bag`` (a weighted sum of table rows per bag) per call: every (KV head,
+    sequence, query head) is a bag of its S value rows weighted by its probabilities, so the
+    values are read once and never gathered (7x the gather + bmm it replaces for a batch of 16
+    decodes at 288 keys, float32, on the dev machine; bench/RESULTS.md)."""
+    kvh, num_blocks, block_size, dv = storage.shape
+    _, b, g, _, s = probs.shape
+    slots = (block_tables[:, :s // block_size, None] * block_size
+             + torch.arange(block_size, device=probs.device)).view(b, s)                  # [B, S]
+    heads = torch.arange(kvh, device=probs.device).view(kvh, 1, 1) * (num_blocks * block_size)
+    rows = (heads + slots).view(kvh, b, 1, s).expand(kvh, b, g, s).reshape(-1)
+    offsets = torch.arange(0, rows.numel(), s, device=probs.device)
+    out = F.embedding_bag(rows, storage.view(-1, dv), offsets, mode="sum", per_sample_weights=probs.reshape(-1))
+    return out.view(kvh, b, g, dv).permute(1, 0, 2, 3).reshape(b, -1)
 
 
 def slot_mapping(block_tables, rows, positions, block_size):
@@ -233,14 +261,35 @@ def gather_pages(pages, block_tables, length, scale=None):
     return out.copy_(rows.permute(2, 0, 1, 3))
 
 
+def decode_groups(seq_lens, block_size, overhead=256):
+    """The decode rows in groups of similar length, longest first: each group attends over keys
+    padded to its own longest sequence, not the batch's. Greedy over the rows by decreasing
+    length: a new group starts when keeping the rest in the current one would pad them by more
+    than ``overhead`` key rows in total (the cost of one more attention call, in gathered rows)."""
+    lens = [-(-n // block_size) * block_size for n in seq_lens.tolist()]
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    groups, top = [], None
+    for n, i in enumerate(order):
+        if top is None or (top - lens[i]) * (len(order) - n) > overhead:
+            groups.append([])
+            top = lens[i]
+        groups[-1].append(i)
+    return groups
+
+
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, positions, num_heads, head_dim,
                            scale, causal, sliding_window, softcap, k_scale=None, v_scale=None):
-    """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched."""
+    """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched. Float32
+    head-major value pages (CPU pools) are read in place (``weighted_value_rows``)."""
     longest = int(seq_lens.max())
     keys = gather_pages(k_pages, block_tables, longest, k_scale)
+    q = q.reshape(len(q), 1, num_heads, head_dim)
+    storage = head_major_storage(v_pages)
+    if storage is not None and v_pages.dtype == torch.float32 and v_scale is None:
+        probs = attention_probs(q, keys, positions[:, None], seq_lens, scale, causal, sliding_window, softcap)
+        return weighted_value_rows(storage, block_tables, probs)
     values = gather_pages(v_pages, block_tables, longest, v_scale)
-    out = attend(q.reshape(len(q), 1, num_heads, head_dim), keys, values, positions[:, None], seq_lens,
-                 scale, causal, sliding_window, softcap)
+    out = attend(q, keys, values, positions[:, None], seq_lens, scale, causal, sliding_window, softcap)
     return out.reshape(len(q), -1)
 
 
@@ -280,8 +329,18 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
     parts = []  # (first row, output rows)
     nd = kv.num_decodes
     if nd:
-        parts.append((0, paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
-                                                positions[:nd], **options)))
+        if getattr(kv, "decode_groups", None) is None:  # once per step (every layer groups alike)
+            kv.decode_groups = decode_groups(kv.seq_lens[:nd], k_pages.shape[1])
+        if len(kv.decode_groups) == 1:
+            out = paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
+                                         positions[:nd], **options)
+        else:  # one call per group of similar lengths, the rows put back in order
+            groups = [torch.tensor(group, device=q.device) for group in kv.decode_groups]
+            got = torch.cat([paged_decode_attention(
+                q.index_select(0, rows), k_pages, v_pages, kv.block_tables.index_select(0, rows),
+                kv.seq_lens.index_select(0, rows), positions.index_select(0, rows), **options) for rows in groups])
+            out = torch.empty_like(got).index_copy_(0, torch.cat(groups), got)
+        parts.append((0, out))
     chunks = [(kv.query_start[i], kv.query_start[i + 1], i) for i in range(nd, len(kv.query_start) - 1)]
     # Short chunks (up to 16 tokens: speculative verification runs k + 1) share one attention call,
     # each padded to the longest with copies of its last query (computed, then dropped): one call

@@ -159,13 +159,14 @@ def prepare_bf16_cpu(qweight):
 
 
 def linear_bf16_cpu(x, weight, bias=None):
-    """``linear_bf16`` on the CPU target. bfloat16 weights: one bf16 GEMM, with 2+ rows as ``(W @ xᵀ)ᵀ``
+    """``linear_bf16`` on the CPU target. bfloat16 weights: one bf16 GEMM, for 2-64 rows as ``(W @ xᵀ)ᵀ``
     (the transposed small-M GEMM is faster, as for float32: ``functional.linear_cpu``); float32 (no
     bf16 hardware, ``prepare_bf16_cpu``): the float32 linear."""
     if weight.dtype != torch.bfloat16:
         return linear_cpu(x, weight, bias)
     xb = x.to(torch.bfloat16)
-    y = (torch.mm(weight, xb.t()).t() if x.dim() == 2 and len(x) > 1 else F.linear(xb, weight)).to(x.dtype)
+    transposed = x.dim() == 2 and 2 <= len(x) <= 64
+    y = (torch.mm(weight, xb.t()).t() if transposed else F.linear(xb, weight)).to(x.dtype)
     return y if bias is None else y + bias
 
 

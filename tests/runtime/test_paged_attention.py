@@ -13,7 +13,7 @@ import torch
 
 from llmc.ir.interpreter import ContiguousKVCache
 from llmc.runtime import functional
-from llmc.runtime.paged_attention import KVPool, PagedStep, paged_attention
+from llmc.runtime.paged_attention import KVPool, PagedStep, decode_groups, paged_attention
 
 ATOL = 1e-5
 
@@ -77,6 +77,17 @@ def test_mixed_batch_matches_contiguous_attention(heads, kv_heads, head_dim, blo
     out, expected = run_case(0, heads, kv_heads, head_dim, block_size, seqs, head_major=head_major)
     assert out.shape == expected.shape
     assert (out - expected).abs().max().item() < ATOL
+
+
+def test_decodes_of_very_different_lengths_attend_in_groups():
+    """Decodes attend in groups of similar length (keys padded per group, not to the batch's
+    longest); the rows come back in the step's order with the same numbers."""
+    assert decode_groups(torch.tensor([300, 4, 151, 3, 291]), 4) == [[0, 4], [2], [1, 3]]
+    assert decode_groups(torch.tensor([40, 30, 20]), 4) == [[0, 1, 2]]  # padding under the overhead
+    seqs = [(299, 1), (3, 1), (150, 1), (2, 1), (290, 1), (0, 5)]
+    for head_major in (True, False):
+        out, expected = run_case(4, 4, 2, 8, 4, seqs, head_major=head_major)
+        assert (out - expected).abs().max().item() < ATOL
 
 
 @pytest.mark.parametrize("window,softcap", [(4, None), (None, 5.0), (3, 2.0)])
