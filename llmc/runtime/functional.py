@@ -16,10 +16,18 @@ def linear_cpu(x, weight, bias=None):
     for few rows by many output features runs 1.2-3x faster transposed (decode batches through a
     150M model's layer shapes, float32, on the dev machines' AMD EPYC); from ~128 rows (prefill) the
     plain GEMM is as fast or faster (1.5x at 512 rows by 6144 outputs: the transposed result's copy
-    back costs more than it saves; bench/RESULTS.md). Same products, another summation order."""
-    if x.dim() != 2 or not 2 <= x.shape[0] <= 64 or x.dtype != torch.float32:
+    back costs more than it saves). Past 8 rows the rows are padded with zeros to a multiple of 8:
+    MKL takes up to 2x longer for 13-15 or 31 rows than for 16 or 32 (bench/RESULTS.md). Same
+    products, another summation order."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if not 2 <= rows <= 64 or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.t()).t().contiguous()
+    if rows > 8 and rows % 8:
+        padded = x.new_zeros(rows + (-rows) % 8, x.shape[1])
+        padded[:rows] = x
+        y = torch.mm(weight, padded.t())[:, :rows].t().contiguous()
+    else:
+        y = torch.mm(weight, x.t()).t().contiguous()
     return y if bias is None else y + bias
 
 
