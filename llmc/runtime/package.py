@@ -83,10 +83,10 @@ class KVLayout:
                                "compiled without the attention_lowering pass; compile it again")
         # The activations' dtype, as plan.json records it; packages from before it was recorded: that
         # of the largest floating weight (quantized packages also hold float scales and fp8 storage).
-        floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
-        dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
-        if isinstance(getattr(torch, kv.get("activation_dtype") or "", None), torch.dtype):
-            dtype = getattr(torch, kv["activation_dtype"])
+        dtype = getattr(torch, kv.get("activation_dtype") or "", None)
+        if not isinstance(dtype, torch.dtype):
+            floats = [t for t in weights.values() if t.is_floating_point() and t.element_size() > 1]
+            dtype = max(floats, key=torch.Tensor.numel).dtype if floats else torch.float32
         # Pages are stored in the activations' dtype unless the graph quantizes them (quantize_kv
         # writes int8 / float8_e4m3fn into plan.json): a quarter of float32's bytes buys 4x the pages.
         kv_dtype = kv.get("dtype")

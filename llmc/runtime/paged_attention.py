@@ -46,6 +46,7 @@ class KVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         self.head_major = self.device.type == "cpu" if head_major is None else head_major
+        self.extra_pages = 0  # pages past num_blocks the block manager never hands out (add_page)
         self.k = {}
         self.v = {}
         for layer, (kv_heads, head_dim, v_head_dim) in (layer_shapes or {}).items():
@@ -58,8 +59,9 @@ class KVPool:
         return torch.zeros(num_blocks, self.block_size, kv_heads, head_dim, dtype=self.dtype, device=self.device)
 
     def _allocate(self, layer, kv_heads, head_dim, v_head_dim):
-        self.k[layer] = self._pages(self.num_blocks, kv_heads, head_dim)
-        self.v[layer] = self._pages(self.num_blocks, kv_heads, v_head_dim)
+        pages = self.num_blocks + self.extra_pages
+        self.k[layer] = self._pages(pages, kv_heads, head_dim)
+        self.v[layer] = self._pages(pages, kv_heads, v_head_dim)
 
     def layer(self, layer, kv_heads, head_dim, v_head_dim):
         """The (k, v) pages of ``layer``; allocated on the first call when not sized up front."""
@@ -70,13 +72,13 @@ class KVPool:
     def add_page(self):
         """Append one zeroed page to every layer (same layout) and return its id; the block manager
         never hands it out (the bucketing pass's scratch page)."""
-        page = self.num_blocks + getattr(self, "extra_pages", 0)
+        page = self.num_blocks + self.extra_pages
         for pages in (self.k, self.v):
             for layer, tensor in list(pages.items()):
                 grown = self._pages(page + 1, tensor.shape[2], tensor.shape[3])
                 grown[:page] = tensor
                 pages[layer] = grown
-        self.extra_pages = getattr(self, "extra_pages", 0) + 1
+        self.extra_pages += 1
         return page
 
     @staticmethod
@@ -117,7 +119,8 @@ class PagedStep:
     query_start: list            # B + 1 python ints
     num_decodes: int
     logits_indices: torch.Tensor = None  # [S] rows whose logits are sampled (select_rows); None = all
-    decode_groups: list = None   # the decodes grouped by length (``decode_groups``), set on first use
+    decode_groups: list = None   # row-index tensors of the decodes grouped by length (``decode_groups``),
+                                 # set by the first layer's paged_attention
 
     def begin_step(self, positions):
         """Nothing to prepare: the runtime built this step's metadata (single-sequence caches do more)."""
@@ -330,12 +333,13 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
     nd = kv.num_decodes
     if nd:
         if getattr(kv, "decode_groups", None) is None:  # once per step (every layer groups alike)
-            kv.decode_groups = decode_groups(kv.seq_lens[:nd], k_pages.shape[1])
-        if len(kv.decode_groups) == 1:
+            kv.decode_groups = [torch.tensor(group, device=q.device)
+                                for group in decode_groups(kv.seq_lens[:nd], k_pages.shape[1])]
+        groups = kv.decode_groups
+        if len(groups) == 1:
             out = paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
                                          positions[:nd], **options)
         else:  # one call per group of similar lengths, the rows put back in order
-            groups = [torch.tensor(group, device=q.device) for group in kv.decode_groups]
             got = torch.cat([paged_decode_attention(
                 q.index_select(0, rows), k_pages, v_pages, kv.block_tables.index_select(0, rows),
                 kv.seq_lens.index_select(0, rows), positions.index_select(0, rows), **options) for rows in groups])
