@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .engine import LLMEngine
-from .package import KVLayout, PackageError, load_model_module, read_plan, resolve_device, stop_ids
+from .package import KVLayout, PackageError, load_model_module, load_weights, read_plan, resolve_device, stop_ids
 from .paged_attention import KVPool, PagedStep
 from .tokenizer import PackageTokenizer
 
@@ -44,14 +44,9 @@ def _timeout() -> timedelta:
 def load_rank(package_dir: Path, plan: dict, rank: int, device: torch.device):
     """Rank ``rank``'s ``(forward, weights, plan)``: its model code, its weight shard, and the plan
     with its own KV layers."""
-    from safetensors.torch import load_file
-
     entry = plan["parallel"]["ranks"][rank]
     module = load_model_module(package_dir / entry["model"])
-    path = package_dir / entry["weights"]
-    if not path.is_file():
-        raise PackageError(f"{path} not found: the package is incomplete; compile it again")
-    weights = module.prepare_weights(load_file(str(path), device=str(device)))
+    weights = module.prepare_weights(load_weights(package_dir / entry["weights"], device))
     rank_plan = {**plan, "kv_cache": {**plan.get("kv_cache", {}), "layers": entry["kv_layers"]}}
     return module.forward, weights, rank_plan
 

@@ -53,16 +53,36 @@ def load_model_module(path: Path) -> types.ModuleType:
 
 def load_model(package_dir: Path, device: torch.device) -> tuple[Callable, dict[str, torch.Tensor]]:
     """A package's ``(forward, weights)``, the weights on ``device`` in their load-time layouts."""
-    from safetensors.torch import load_file
-
     module = load_model_module(package_dir / "model.py")
-    weights_path = package_dir / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise PackageError(f"{weights_path} not found: the package is incomplete; compile it again")
-    weights = load_file(str(weights_path), device=str(device))
+    weights = load_weights(package_dir / WEIGHTS_FILE, device)
     if hasattr(module, "prepare_weights"):  # load-time layouts (packed int4, expanded fp8/2:4)
         weights = module.prepare_weights(weights)
     return module.forward, weights
+
+
+CPU_ALIGNMENT = 64  # bytes: one cache line, one AVX-512 register
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if its data starts on a 64-byte boundary, else an aligned copy.
+
+    safetensors packs tensors back to back, so a tensor loaded from the file can start at any byte
+    (8 past a cache line is common). ATen's AVX-512 kernels assume aligned weights: its weight-only
+    int8 GEMM (``_weight_int8pack_mm``) crashes with a segmentation fault on an int8 weight 24 bytes
+    past a line (Xeon with AVX-512/AMX, torch 2.13), and MKL picks another summation order for
+    misaligned float32 weights (outputs differ by ~1e-7 with the same bytes). torch's own CPU
+    allocator aligns to 64 bytes, so a copy is aligned."""
+    return tensor if tensor.data_ptr() % CPU_ALIGNMENT == 0 else tensor.clone()
+
+
+def load_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A package's safetensors weight file on ``device``; on the CPU every tensor 64-byte aligned."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PackageError(f"{path} not found: the package is incomplete; compile it again")
+    weights = load_file(str(path), device=str(device))
+    return {name: aligned(t) for name, t in weights.items()} if device.type == "cpu" else weights
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,23 @@ def test_prepared_layouts_replace_their_source(tmp_path, scheme, prepared):
     assert {name.split(":")[1] for name in derived} == set(prepared)
     sources = {name.split(":")[0] for name in derived}
     assert not sources & set(weights), f"sources kept beside their layouts: {sorted(sources & set(weights))[:3]}"
+
+
+def test_cpu_weights_are_loaded_64_byte_aligned(tmp_path):
+    """safetensors packs tensors back to back; a 3-byte tensor first leaves the next one misaligned
+    in the file (ATen's AVX-512 int8 GEMM segfaults on such a weight), so the loader copies it."""
+    from safetensors.torch import load_file, save_file
+
+    from llmc.runtime.package import load_weights
+
+    qweight = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    tensors = {"a.odd": torch.ones(3, dtype=torch.int8), "b.qweight": qweight, "c.float": torch.randn(5, 7)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    raw = load_file(tmp_path / "w.safetensors")
+    assert raw["b.qweight"].data_ptr() % 64 != 0  # the premise: the file leaves it misaligned
+    loaded = load_weights(tmp_path / "w.safetensors", torch.device("cpu"))
+    assert all(t.data_ptr() % 64 == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)
+    x = torch.randn(5, 64).to(torch.bfloat16)  # the kernel that crashed on the misaligned weight
+    y = torch.ops.aten._weight_int8pack_mm(x, loaded["b.qweight"], torch.ones(48, dtype=torch.bfloat16))
+    assert torch.allclose(y.float(), x.float() @ qweight.float().t(), rtol=1e-2, atol=0.5)
