@@ -121,9 +121,10 @@ CPU_PREPARE: dict[str, Callable[[list[str], dict[str, Any]], tuple[list[str], st
 TEMPLATE_HELPERS = {
     "linear": (functional.linear_cpu,),
     "rms_norm": (functional.rms_norm,),
-    "rope": (functional.rope,),
-    "attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv, functional.attention),
-    "paged_attention": (functional.rope, functional.quantize_kv, functional.dequantize_kv,
+    "rope": (functional.rope_tables, functional.rope),
+    "attention": (functional.rope_tables, functional.rope, functional.quantize_kv, functional.dequantize_kv,
+                  functional.attention),
+    "paged_attention": (functional.rope_tables, functional.rope, functional.quantize_kv, functional.dequantize_kv,
                         paged_attention.head_major_storage, paged_attention.write_kv,
                         paged_attention.attention_probs, paged_attention.attend,
                         paged_attention.weighted_value_rows, paged_attention.gather_pages,

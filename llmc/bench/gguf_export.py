@@ -3,7 +3,7 @@
 This is what llama.cpp's own ``convert_hf_to_gguf.py`` does for ``LlamaForCausalLM``, reduced to
 what the bench needs: tensor names from gguf's name map, the q/k rows permuted from HF's
 half-split rotary layout to llama.cpp's interleaved one, hyperparameters as GGUF keys, and weights
-as F32 or quantized by gguf's reference quantizers (Q8_0: blocks of 32 int8 with one fp16 scale;
+as F32, BF16 or quantized by gguf's reference quantizers (Q8_0: blocks of 32 int8 with one fp16 scale;
 Q4_0: blocks of 32 4-bit values with one scale) — the llama.cpp counterparts of llmc's float32,
 int8 and int4 packages. The vocabulary is synthetic (the bench feeds token ids, never text): an
 SPM list of ``vocab_size`` placeholder tokens with ``<unk> <s> </s>`` first.
@@ -18,7 +18,7 @@ import numpy as np
 
 from llmc.errors import LlmcError
 
-WEIGHT_TYPES = ("f32", "q8_0", "q4_0")
+WEIGHT_TYPES = ("f32", "bf16", "q8_0", "q4_0")
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -44,9 +44,11 @@ def write_gguf(checkpoint: Path, out: Path, weight_type: str = "f32") -> Path:
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     head_dim = config.get("head_dim") or hidden // n_head
     rope = config.get("rope_parameters") or {}
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[weight_type]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[weight_type]
 
     tensors: dict[str, np.ndarray] = {}

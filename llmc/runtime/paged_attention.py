@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .functional import dequantize_kv, quantize_kv, rope
+from .functional import dequantize_kv, quantize_kv, rope, rope_tables
 
 
 class KVPool:
@@ -119,8 +119,9 @@ class PagedStep:
     query_start: list            # B + 1 python ints
     num_decodes: int
     logits_indices: torch.Tensor = None  # [S] rows whose logits are sampled (select_rows); None = all
-    decode_groups: list = None   # row-index tensors of the decodes grouped by length (``decode_groups``),
-                                 # set by the first layer's paged_attention
+    decode_groups: list = None   # the decodes grouped by length (``decode_groups``) with what every
+                                 # layer's attention reuses, set by the first layer's paged_attention
+    rope_tables: tuple = None    # (rope arguments, ``rope_tables``) of this step, set by the first layer
 
     def begin_step(self, positions):
         """Nothing to prepare: the runtime built this step's metadata (single-sequence caches do more)."""
@@ -147,8 +148,9 @@ def attention_probs(q, keys, q_pos, k_len, scale, causal, sliding_window, softca
     """The attention weights of ``q`` [B, Tq, H, D] over ``keys`` [KVH, B, S, D] (head-major, as
     ``gather_pages`` returns them): [KVH, B, G, Tq, S], G = H // KVH query heads per KV head.
 
-    Key j of row b sits at position j and exists when ``j < k_len[b]``; query t of row b is at
-    ``q_pos[b, t]``. GQA groups queries per KV head instead of repeating K. float32 math.
+    Key j of row b sits at position j and exists when ``j < k_len[b]`` (``k_len`` None: all S keys
+    exist); query t of row b is at ``q_pos[b, t]``. GQA groups queries per KV head instead of
+    repeating K. float32 math.
     """
     b, tq, h, d = q.shape
     kvh, s = keys.shape[0], keys.shape[2]
@@ -160,8 +162,10 @@ def attention_probs(q, keys, q_pos, k_len, scale, causal, sliding_window, softca
     scores = torch.bmm(qg, keys.flatten(0, 1).transpose(1, 2)).view(kvh, b, g, tq, s) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
+    if k_len is None and not causal and not sliding_window:
+        return torch.softmax(scores, -1)
     kpos = torch.arange(s, device=q.device)
-    allowed = kpos[None, None, :] < k_len[:, None, None]                     # [B, 1, S]
+    allowed = (kpos[None, None, :] < (s if k_len is None else k_len[:, None, None])).expand(b, 1, s)  # [B, 1, S]
     if causal:
         allowed = allowed & (kpos[None, None, :] <= q_pos[:, :, None])       # [B, Tq, S]
     if sliding_window:
@@ -179,21 +183,29 @@ def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap
     return out.permute(1, 3, 0, 2, 4).reshape(b, tq, -1)
 
 
-def weighted_value_rows(storage, block_tables, probs):
+def weighted_value_rows(storage, block_tables, probs, memo=None):
     """``probs`` [KVH, B, G, 1, S] times each sequence's values, read in place from head-major
     value storage [KVH, pages, block_size, Dv] through the block tables: [B, KVH*G*Dv].
 
     One ``embedding_bag`` (a weighted sum of table rows per bag) per call: every (KV head,
     sequence, query head) is a bag of its S value rows weighted by its probabilities, so the
     values are read once and never gathered (7x the gather + bmm it replaces for a batch of 16
-    decodes at 288 keys, float32, on the dev machine; bench/RESULTS.md)."""
+    decodes at 288 keys, float32, on the dev machine; bench/RESULTS.md). ``memo``: see
+    ``paged_decode_attention``."""
     kvh, num_blocks, block_size, dv = storage.shape
     _, b, g, _, s = probs.shape
-    slots = (block_tables[:, :s // block_size, None] * block_size
-             + torch.arange(block_size, device=probs.device)).view(b, s)                  # [B, S]
-    heads = torch.arange(kvh, device=probs.device).view(kvh, 1, 1) * (num_blocks * block_size)
-    rows = (heads + slots).view(kvh, b, 1, s).expand(kvh, b, g, s).reshape(-1)
-    offsets = torch.arange(0, rows.numel(), s, device=probs.device)
+    key = ("value rows", kvh, num_blocks, g, s)
+    if memo is None or key not in memo:
+        width = -(-s // block_size)  # pages holding the S keys (the last one maybe in part)
+        slots = (block_tables[:, :width, None] * block_size
+                 + torch.arange(block_size, device=probs.device)).view(b, -1)[:, :s]          # [B, S]
+        heads = torch.arange(kvh, device=probs.device).view(kvh, 1, 1) * (num_blocks * block_size)
+        rows = (heads + slots).view(kvh, b, 1, s).expand(kvh, b, g, s).reshape(-1)
+        found = (rows, torch.arange(0, rows.numel(), s, device=probs.device))
+        if memo is None:
+            memo = {}
+        memo[key] = found
+    rows, offsets = memo[key]
     out = F.embedding_bag(rows, storage.view(-1, dv), offsets, mode="sum", per_sample_weights=probs.reshape(-1))
     return out.view(kvh, b, g, dv).permute(1, 0, 2, 3).reshape(b, -1)
 
@@ -237,17 +249,22 @@ def sequence_step(pool, blocks, positions, logits_indices=None):
     return PagedStep(pool, slots, table, lens, [0, len(positions)], int(len(positions) == 1), logits_indices)
 
 
-def gather_pages(pages, block_tables, length, scale=None):
+def gather_pages(pages, block_tables, length, scale=None, memo=None):
     """The cached rows of each sequence's first ``length`` positions, float32 and head-major
     [KVH, B, S, D] with S = ``length`` rounded up to whole pages (rows past a sequence's length
     are whatever its pages hold: ``attend`` masks them); dequantized with the per-KV-head
     ``scale`` when the pages are int8/fp8.
 
     Head-major pages (``KVPool``): one ``index_select`` of whole pages per head is the result.
-    Otherwise one row gather of whole pages and a copy into the head-major layout."""
+    Otherwise one row gather of whole pages and a copy into the head-major layout. ``memo``: see
+    ``paged_decode_attention``."""
     num_blocks, block_size, kvh, d = pages.shape
     width = -(-length // block_size)  # pages that hold them
-    index = block_tables[:, :width].flatten()
+    index = memo.get(("pages", width)) if memo is not None else None
+    if index is None:
+        index = block_tables[:, :width].flatten()
+        if memo is not None:
+            memo[("pages", width)] = index
     storage = head_major_storage(pages)
     flat = storage.view(kvh, num_blocks, -1) if storage is not None else pages.view(num_blocks, -1)
     if pages.element_size() == 1:  # gathered as bytes: there is no CPU index_select for float8
@@ -281,18 +298,35 @@ def decode_groups(seq_lens, block_size, overhead=256):
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, positions, num_heads, head_dim,
-                           scale, causal, sliding_window, softcap, k_scale=None, v_scale=None):
+                           scale, causal, sliding_window, softcap, k_scale=None, v_scale=None, memo=None):
     """One query token per sequence (``q`` [B, H*D]) over each sequence's pages, batched. Float32
-    head-major value pages (CPU pools) are read in place (``weighted_value_rows``)."""
-    longest = int(seq_lens.max())
-    keys = gather_pages(k_pages, block_tables, longest, k_scale)
+    head-major value pages (CPU pools) are read in place (``weighted_value_rows``).
+
+    The runtime's decodes query their sequence's last token (key j sits at position j, the query
+    at ``seq_len - 1``), so causality excludes nothing the length mask keeps: no causal mask then.
+    When every sequence also has the same length (one decode, or a group of equal ones) the keys
+    are cut to it and need no mask at all.
+
+    ``memo``: a dict that lives for one step's call on these block tables in every layer; what the
+    first layer derives from them (lengths, page and value-row indices) the others reuse, about a
+    dozen small ops per layer."""
+    memo = {} if memo is None else memo
+    if "longest" not in memo:
+        memo["longest"] = int(seq_lens.max())
+        memo["causal"] = causal and not torch.equal(positions, seq_lens - 1)
+        memo["equal"] = int(seq_lens.min()) == memo["longest"] and not memo["causal"]
+    longest, causal = memo["longest"], memo["causal"]
+    keys = gather_pages(k_pages, block_tables, longest, k_scale, memo)
+    lens = seq_lens
+    if memo["equal"]:
+        keys, lens = keys[:, :, :longest], None
     q = q.reshape(len(q), 1, num_heads, head_dim)
     storage = head_major_storage(v_pages)
     if storage is not None and v_pages.dtype == torch.float32 and v_scale is None:
-        probs = attention_probs(q, keys, positions[:, None], seq_lens, scale, causal, sliding_window, softcap)
-        return weighted_value_rows(storage, block_tables, probs)
-    values = gather_pages(v_pages, block_tables, longest, v_scale)
-    out = attend(q, keys, values, positions[:, None], seq_lens, scale, causal, sliding_window, softcap)
+        probs = attention_probs(q, keys, positions[:, None], lens, scale, causal, sliding_window, softcap)
+        return weighted_value_rows(storage, block_tables, probs, memo)
+    values = gather_pages(v_pages, block_tables, longest, v_scale, memo)[:, :, :keys.shape[2]]
+    out = attend(q, keys, values, positions[:, None], lens, scale, causal, sliding_window, softcap)
     return out.reshape(len(q), -1)
 
 
@@ -316,8 +350,13 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
     per-KV-head ``k_scale`` / ``v_scale``, dequantized to float32 when read. ``rope_dim`` > 0
     applies ``rope`` to q and k first, so the pages hold rotated keys (as when rope is its own op)."""
     if rope_dim:
-        q = rope(q, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling)
-        k = rope(k, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling)
+        # Every layer of a step rotates by the same angles: the tables are computed once per step
+        # (a third of a batch-1 decode layer's attention time on CPU when done per layer).
+        key, cached = (inv_freq, rope_dim, rope_interleaved, rope_scaling, q.dtype), getattr(kv, "rope_tables", None)
+        if cached is None or cached[0][0] is not inv_freq or cached[0][1:] != key[1:]:
+            cached = kv.rope_tables = (key, rope_tables(positions, inv_freq, rope_scaling, rope_interleaved, q.dtype))
+        q = rope(q, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling, cached[1])
+        k = rope(k, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling, cached[1])
     k = k.reshape(len(k), num_kv_heads, head_dim)
     v = v.reshape(len(v), num_kv_heads, -1)
     k_pages, v_pages = kv.pool.layer(layer, num_kv_heads, head_dim, v.shape[-1])
@@ -333,17 +372,23 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
     nd = kv.num_decodes
     if nd:
         if getattr(kv, "decode_groups", None) is None:  # once per step (every layer groups alike)
-            kv.decode_groups = [torch.tensor(group, device=q.device)
-                                for group in decode_groups(kv.seq_lens[:nd], k_pages.shape[1])]
+            groups = [torch.tensor(group, device=q.device)
+                      for group in decode_groups(kv.seq_lens[:nd], k_pages.shape[1])]
+            if len(groups) == 1:
+                kv.decode_groups = [(None, kv.block_tables[:nd], kv.seq_lens[:nd], positions[:nd], {})]
+            else:  # (rows, their block tables, lengths, positions, memo), then the order to put them back
+                kv.decode_groups = [(rows, kv.block_tables.index_select(0, rows), kv.seq_lens.index_select(0, rows),
+                                     positions.index_select(0, rows), {}) for rows in groups]
+                kv.decode_groups.append(torch.cat(groups))
         groups = kv.decode_groups
         if len(groups) == 1:
-            out = paged_decode_attention(q[:nd], k_pages, v_pages, kv.block_tables[:nd], kv.seq_lens[:nd],
-                                         positions[:nd], **options)
+            _, tables, lens, pos, memo = groups[0]
+            out = paged_decode_attention(q[:nd], k_pages, v_pages, tables, lens, pos, **options, memo=memo)
         else:  # one call per group of similar lengths, the rows put back in order
-            got = torch.cat([paged_decode_attention(
-                q.index_select(0, rows), k_pages, v_pages, kv.block_tables.index_select(0, rows),
-                kv.seq_lens.index_select(0, rows), positions.index_select(0, rows), **options) for rows in groups])
-            out = torch.empty_like(got).index_copy_(0, torch.cat(groups), got)
+            got = torch.cat([paged_decode_attention(q.index_select(0, rows), k_pages, v_pages, tables, lens, pos,
+                                                    **options, memo=memo)
+                             for rows, tables, lens, pos, memo in groups[:-1]])
+            out = torch.empty_like(got).index_copy_(0, groups[-1], got)
         parts.append((0, out))
     chunks = [(kv.query_start[i], kv.query_start[i + 1], i) for i in range(nd, len(kv.query_start) - 1)]
     # Short chunks (up to 16 tokens: speculative verification runs k + 1) share one attention call,

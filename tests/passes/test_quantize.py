@@ -91,10 +91,10 @@ def test_bf16_rounds_weights_activations_and_outputs_once(tiny):
     assert result.stats["bytes_after"] * 2 == result.stats["bytes_before"] == result.stats["bf16_bytes"] * 2
 
 
-@pytest.mark.parametrize("rows,out_features,in_features", [(1, 5, 7), (3, 33, 20), (17, 8, 129)])
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 5, 7), (3, 33, 20), (17, 8, 129), (70, 9, 31)])
 def test_linear_bf16_math_and_cpu_paths(rows, out_features, in_features):
     """linear_bf16 = float32 sums of bf16-rounded products, rounded to bf16; the CPU path (bf16
-    GEMM, transposed for 2+ rows) and its float32 fallback (a CPU without bf16 dot products) agree."""
+    GEMM: mv for 1 row, transposed for 2-64, F.linear past) and its float32 fallback (a CPU without bf16 dot products) agree."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=gen)
     w = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
