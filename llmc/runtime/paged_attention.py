@@ -255,22 +255,27 @@ def gather_pages(pages, block_tables, length, scale=None, memo=None):
     are whatever its pages hold: ``attend`` masks them); dequantized with the per-KV-head
     ``scale`` when the pages are int8/fp8.
 
-    Head-major pages (``KVPool``): one ``index_select`` of whole pages per head is the result.
-    Otherwise one row gather of whole pages and a copy into the head-major layout. ``memo``: see
-    ``paged_decode_attention``."""
+    Head-major pages (``KVPool``): one ``index_select`` of whole pages per head is the result, or
+    for one sequence whose pages are consecutive (a fresh pool hands them out in order) a view of
+    them, no copy at all (float32 pages). Otherwise one row gather of whole pages and a copy into
+    the head-major layout. ``memo``: see ``paged_decode_attention``."""
     num_blocks, block_size, kvh, d = pages.shape
     width = -(-length // block_size)  # pages that hold them
+    storage = head_major_storage(pages)
     index = memo.get(("pages", width)) if memo is not None else None
     if index is None:
         index = block_tables[:, :width].flatten()
+        if storage is not None and len(block_tables) == 1 and torch.equal(index, torch.arange(
+                int(index[0]), int(index[0]) + width, device=index.device)):
+            index = int(index[0])  # the first of the consecutive pages
         if memo is not None:
             memo[("pages", width)] = index
-    storage = head_major_storage(pages)
     flat = storage.view(kvh, num_blocks, -1) if storage is not None else pages.view(num_blocks, -1)
     if pages.element_size() == 1:  # gathered as bytes: there is no CPU index_select for float8
         flat = flat.view(torch.uint8)
     if storage is not None:
-        rows = flat.index_select(1, index).view(pages.dtype).view(kvh, len(block_tables), width * block_size, d)
+        rows = flat.narrow(1, index, width) if isinstance(index, int) else flat.index_select(1, index)
+        rows = rows.view(pages.dtype).view(kvh, len(block_tables), width * block_size, d)
         if scale is not None:
             return rows.float() * scale.view(kvh, 1, 1, 1)
         return rows.float()
@@ -322,7 +327,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, position
         keys, lens = keys[:, :, :longest], None
     q = q.reshape(len(q), 1, num_heads, head_dim)
     storage = head_major_storage(v_pages)
-    if storage is not None and v_pages.dtype == torch.float32 and v_scale is None:
+    in_place = isinstance(memo.get(("pages", -(-longest // k_pages.shape[1]))), int)  # values are a view too
+    if storage is not None and v_pages.dtype == torch.float32 and v_scale is None and not in_place:
         probs = attention_probs(q, keys, positions[:, None], lens, scale, causal, sliding_window, softcap)
         return weighted_value_rows(storage, block_tables, probs, memo)
     values = gather_pages(v_pages, block_tables, longest, v_scale, memo)[:, :, :keys.shape[2]]
