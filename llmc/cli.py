@@ -519,7 +519,7 @@ def bench(
     batch: int = typer.Option(16, "--batch", min=1, help="llmc's max concurrent sequences and HF's static batch size."),
     rate: list[float] = typer.Option([1.0], "--rate", help="Online request rate(s) in requests/s (repeatable)."),
     decode_tokens: int = typer.Option(128, "--decode-tokens", min=2, help="New tokens of the decode workload."),
-    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="llama.cpp weights: f32, q8_0, q4_0 "
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="llama.cpp weights: f32, bf16, q8_0, q4_0 "
                                                                       "[the package's precision]."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON here."),
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Append the table as markdown (e.g. "

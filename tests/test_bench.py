@@ -86,7 +86,7 @@ def _hf_greedy(checkpoint, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("weight_type", ["f32", "bf16", "q8_0"])
 def test_gguf_has_llama_cpp_names_and_rotary_permuted_rows(tmp_path, tiny_llama, weight_type):
     gguf = pytest.importorskip("gguf", reason="the GGUF writer needs the gguf package (pip install 'llmc[bench]')")
     from safetensors.torch import load_file
@@ -105,7 +105,8 @@ def test_gguf_has_llama_cpp_names_and_rotary_permuted_rows(tmp_path, tiny_llama,
     q = gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data, tensors["blk.0.attn_q.weight"].tensor_type)
     q = q.reshape(q_hf.shape)
     # llama.cpp pairs rotary dims (2i, 2i+1); HF pairs (i, i + d/2): row 1 of a head is HF's row d/2.
-    tol = 0 if weight_type == "f32" else np.abs(q_hf).max() / 100  # Q8_0: one int8 step of each block's max
+    # BF16: 8 significant bits (2^-8 relative); Q8_0: one int8 step of each block's max.
+    tol = {"f32": 0, "bf16": np.abs(q_hf).max() / 256, "q8_0": np.abs(q_hf).max() / 100}[weight_type]
     assert np.allclose(q[1], q_hf[8], atol=tol) and np.allclose(q[0], q_hf[0], atol=tol)
     assert not np.allclose(q[1], q_hf[1], atol=tol)
 
@@ -205,3 +206,17 @@ def test_bench_of_a_package_without_checkpoint_skips_peers_and_says_why(tmp_path
     r = json.loads(out.read_text())
     assert set(r["workloads"]["decode"]["engines"]) == {"llmc"}
     assert "--model CHECKPOINT" in r["skipped"]["hf"]
+
+
+@pytest.mark.parametrize("scheme, changed, want", [("bf16", True, "bf16"), ("int8", True, "q8_0"), ("w8a8", True, "q8_0"),
+                                                   ("int4", True, "q4_0"), ("none", False, "f32")])
+def test_llama_cpp_weights_match_the_package_precision(tmp_path, scheme, changed, want):
+    import json
+
+    from llmc.bench.runner import package_weight_type
+
+    stats = {"scheme": scheme, "quantized": 3} if changed else {}
+    plan = {"report": {"passes": [{"name": "canonicalize", "changed": True, "stats": {}},
+                                  {"name": "quantize", "changed": changed, "stats": stats}]}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert package_weight_type(tmp_path) == want

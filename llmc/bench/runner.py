@@ -40,7 +40,7 @@ class BenchOptions:
     rates: tuple[float, ...] = (1.0,)
     ttft_slo: float = 1.0              # seconds
     itl_slo: float = 0.2               # seconds
-    gguf_type: str | None = None       # None: the llmc package's weight precision (f32 / q8_0 / q4_0)
+    gguf_type: str | None = None       # None: the llmc package's weight precision (f32 / bf16 / q8_0 / q4_0)
     seed: int = 0
     command: str = ""
     extra_runs: dict = field(default_factory=dict)
@@ -69,15 +69,18 @@ def _agreement(a: list[int], b: list[int]) -> int:
     return n
 
 
+GGUF_TYPE_OF_SCHEME = {"bf16": "bf16", "int8": "q8_0", "w8a8": "q8_0", "fp8": "q8_0", "int4": "q4_0"}
+
+
 def package_weight_type(package: Path) -> str:
-    """The GGUF type matching the package's linears: q8_0 for int8 schemes, q4_0 for int4, else f32."""
+    """The GGUF type matching the package's linears: bf16 for bf16, q8_0 for the 8-bit schemes,
+    q4_0 for int4, else f32."""
     import json
 
     passes = json.loads((package / "plan.json").read_text(encoding="utf-8"))["report"]["passes"]
     for record in passes:
         if record["name"] == "quantize" and record["changed"]:
-            text = json.dumps(record["stats"])
-            return "q4_0" if "int4" in text else "q8_0"
+            return GGUF_TYPE_OF_SCHEME.get(record["stats"].get("scheme"), "q8_0")
     return "f32"
 
 
