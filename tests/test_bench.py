@@ -220,3 +220,15 @@ def test_llama_cpp_weights_match_the_package_precision(tmp_path, scheme, changed
                                   {"name": "quantize", "changed": changed, "stats": stats}]}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert package_weight_type(tmp_path) == want
+
+
+def test_a_llama_cpp_that_fails_on_the_gguf_is_skipped_with_the_reason(tmp_path):
+    """The peer is tried in a child process first: a crash there (a segfault in llama.cpp's native
+    code, or here a file it cannot load) makes it a skipped peer, not a dead bench."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llmc[bench]')")
+    from llmc.bench.engines import PeerUnavailable, _probe_llama_cpp
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(PeerUnavailable, match=r"llama.cpp crashed \(exit status 1\) running broken.gguf"):
+        _probe_llama_cpp(bad, threads=1)

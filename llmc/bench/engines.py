@@ -182,6 +182,7 @@ class LlamaCppEngine:
         from .gguf_export import write_gguf
 
         path = write_gguf(checkpoint, gguf_dir / f"{checkpoint.name}-{weight_type}.gguf", weight_type)
+        _probe_llama_cpp(path, threads)
         self.weight_type = weight_type
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=512, verbose=False)
@@ -202,3 +203,31 @@ class LlamaCppEngine:
         start = time.perf_counter()
         outputs = [self.decode(r).tokens for r in requests]
         return OfflineRun(time.perf_counter() - start, outputs, {"batching": "none (one sequence at a time)"})
+
+
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False)
+for n, _ in enumerate(llm.generate([1, 2, 3, 4], top_k=1, temp=0.0, reset=True)):
+    if n == 2:
+        break
+"""
+
+
+def _probe_llama_cpp(path: Path, threads: int) -> None:
+    """Load ``path`` and generate 3 tokens in a child process first: llama.cpp's native code can
+    crash the process (seen: a Q8_0 GGUF segfaults in llama-cpp-python 0.3.36 on a Xeon with AMX),
+    which would take the whole bench and every figure measured so far with it."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(threads)], capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise PeerUnavailable(f"llama.cpp did not load and run {path.name} within 300 s") from None
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+        tail = done.stderr.strip().splitlines()[-1:] or [""]
+        raise PeerUnavailable(f"llama.cpp crashed ({how}) running {path.name} on this machine {tail[0]}".rstrip()
+                              + "; try another --gguf-type")
