@@ -274,7 +274,17 @@ def gather_pages(pages, block_tables, length, scale=None, memo=None):
     if pages.element_size() == 1:  # gathered as bytes: there is no CPU index_select for float8
         flat = flat.view(torch.uint8)
     if storage is not None:
-        rows = flat.narrow(1, index, width) if isinstance(index, int) else flat.index_select(1, index)
+        if isinstance(index, int):
+            rows = flat.narrow(1, index, width)
+        else:  # one index_select over [KVH * pages, page]: 4x the same select along dim 1 (B=16, 19 pages)
+            key = ("head pages", width, kvh, num_blocks)
+            flat_index = memo.get(key) if memo is not None else None
+            if flat_index is None:
+                heads = torch.arange(kvh, device=index.device)[:, None] * num_blocks
+                flat_index = (heads + index[None, :]).reshape(-1)
+                if memo is not None:
+                    memo[key] = flat_index
+            rows = flat.reshape(kvh * num_blocks, -1).index_select(0, flat_index)
         rows = rows.view(pages.dtype).view(kvh, len(block_tables), width * block_size, d)
         if scale is not None:
             return rows.float() * scale.view(kvh, 1, 1, 1)
