@@ -17,6 +17,10 @@ Each selected ``linear(x, W, b)`` becomes the quantized op of its scheme (layout
   ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (``x / s`` at run time, ``W * s`` quantized).
 
 ``include``/``exclude`` are globs on weight names; the embedding and LM head are kept by default.
+``overrides`` maps globs to another scheme for the linears they match, whether or not ``include``/
+``exclude`` select them: ``{'lm_head.*': bf16}`` with ``scheme: int4`` keeps the LM head, where
+rounding costs the most quality, at 16 bits, and on a CPU with AMX its bf16 GEMM is 7x the float32
+one at 16 rows (bench/RESULTS.md).
 Stats: ``quantized`` linears, their ``bytes_before`` and ``bytes_after`` (as stored) and
 ``bf16_bytes`` (what the same weights take in bfloat16), the ``calibration`` source when used.
 """
@@ -33,7 +37,7 @@ from llmc.errors import LlmcError
 from llmc.ir import Graph, Node, Param
 from llmc.passes import gptq
 from llmc.passes.rewrite import (DEFAULT_EXCLUDE, cached, derived_param, make_node, replace_nodes, select_linears,
-                                 stem)
+                                 stem, weight_name)
 from llmc.pipeline import PassContext, PassOptions, PassResult, register_pass
 from llmc.runtime.quant import FP8_MAX, pack_int4
 
@@ -47,6 +51,7 @@ class QuantizeOptions(PassOptions):
     smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)  # w8a8; null = no smoothing
     include: list[str] = ["*"]
     exclude: list[str] = list(DEFAULT_EXCLUDE)
+    overrides: dict[str, Literal["bf16", "int8", "int4", "fp8", "w8a8"]] = {}  # weight glob -> scheme
     calibration: CalibrationOptions = CalibrationOptions()
 
 
@@ -120,21 +125,42 @@ def _storage(scheme: str, opts: QuantizeOptions, node: Node, weight: Param, stat
     ], {}
 
 
+def _schemes(graph: Graph, opts: QuantizeOptions) -> dict[str, str]:
+    """The scheme of every linear the pass rewrites: ``scheme`` for those ``include``/``exclude``
+    select, the first matching ``overrides`` glob's for any linear it names."""
+    chosen = {n.ref: opts.scheme for n in select_linears(graph, opts.include, opts.exclude)} \
+        if opts.scheme != "none" else {}
+    overridden: set[str] = set()
+    for pattern, scheme in opts.overrides.items():
+        matched = select_linears(graph, [pattern], [])
+        if not matched:
+            names = sorted(weight_name(n) for n in select_linears(graph, ["*"], []))
+            raise LlmcError(f"quantize.overrides: {pattern!r} matches no linear weight; they are named like "
+                            f"{', '.join(names[:3])}, ...")
+        for node in matched:
+            if node.ref not in overridden:  # the first glob naming a linear decides
+                chosen[node.ref] = scheme
+                overridden.add(node.ref)
+    return chosen
+
+
 @register_pass("quantize", options=QuantizeOptions, requires=("canonical",), lossy=True)
 def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     """Quantize linear weights: bf16 / int8 / int4 group-wise / fp8 weight-only, or W8A8 with SmoothQuant."""
     opts: QuantizeOptions = ctx.options
-    if opts.scheme == "none":
+    schemes = _schemes(graph, opts)  # node ref -> its scheme
+    if not schemes:
         return PassResult(graph, changed=False, stats={"quantized": 0})
-    if opts.scheme == "fp8" and "float8_e4m3fn" not in ctx.target.dtypes:
+    if "fp8" in schemes.values() and "float8_e4m3fn" not in ctx.target.dtypes:
         raise LlmcError(f"quantize fp8: target {ctx.target.name!r} does not list float8_e4m3fn in its dtypes, so it "
                         "has no fp8 kernels (the weights would be expanded at load); use int8/int4, or add the "
                         "dtype to the target (--set 'dtypes=[...,float8_e4m3fn]') to compile anyway")
-    nodes = select_linears(graph, opts.include, opts.exclude)
+    nodes = [n for n in graph.nodes if n.ref in schemes]
     params = graph.param_map
     # GPTQ needs each input's Hessian, SmoothQuant its per-channel max |x|: from calibration text.
-    want = ({"hessian"} if opts.method == "gptq" and opts.scheme in ("int8", "int4") else
-            {"absmax"} if opts.scheme == "w8a8" and opts.smoothquant_alpha is not None else set())
+    used = set(schemes.values())
+    want = ({"hessian"} if opts.method == "gptq" and used & {"int8", "int4"} else set()) | (
+        {"absmax"} if "w8a8" in used and opts.smoothquant_alpha is not None else set())
     stats = calib = None
     if want and nodes:
         calib = calibration_set(graph, opts.calibration)
@@ -145,7 +171,7 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     before = after = bf16 = 0
     for node in nodes:
         weight = params[node.inputs[1][1:]]
-        op, storage, attrs = _storage(opts.scheme, opts, node, weight, stats)
+        op, storage, attrs = _storage(schemes[node.ref], opts, node, weight, stats)
         for p in storage:
             types["@" + p.name] = p.type
         inputs = [node.inputs[0], *("@" + p.name for p in storage), *node.inputs[2:]]
@@ -159,6 +185,8 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     result = replace_nodes(graph, replacements, new_params)
     out_stats = {"quantized": len(replacements), "scheme": opts.scheme, "bytes_before": before,
                  "bytes_after": after, "bf16_bytes": bf16, "ratio_to_bf16": round(after / bf16, 4)}
+    if opts.overrides:
+        out_stats["by_scheme"] = {name: sum(1 for v in schemes.values() if v == name) for name in sorted(used)}
     if calib is not None:
         out_stats["calibration"] = f"{calib.source}, {calib.tokens} tokens"
     return PassResult(result, changed=True, stats=out_stats)

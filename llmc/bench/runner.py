@@ -80,7 +80,7 @@ def package_weight_type(package: Path) -> str:
     passes = json.loads((package / "plan.json").read_text(encoding="utf-8"))["report"]["passes"]
     for record in passes:
         if record["name"] == "quantize" and record["changed"]:
-            return GGUF_TYPE_OF_SCHEME.get(record["stats"].get("scheme"), "q8_0")
+            return GGUF_TYPE_OF_SCHEME.get(record["stats"].get("scheme"), "f32")  # "none": overrides only
     return "f32"
 
 

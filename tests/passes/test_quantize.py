@@ -173,3 +173,30 @@ def test_compiled_package_runs_the_scheme_on_cpu(tmp_path, scheme):
     tokens = engine.generate(PROMPT, max_tokens=6, ignore_eos=True)
     from llmc.ir import generate_greedy
     assert tokens == generate_greedy(result.graph, PROMPT, 6)[0]
+
+
+def test_overrides_give_the_linears_they_name_another_scheme(tiny):
+    """int4 everywhere but the MLP down projections, which stay bf16: match counts per scheme, the ops
+    after, and the numbers equal the original graph run on the dequantized weights."""
+    before = {n.ref for n in expected_linears(tiny)}
+    result = run_pass(tiny, scheme="int4", group_size=32, overrides={"*.mlp.down_proj.*": "bf16"})
+    ops = {n.ref: n.op.name for n in result.graph.nodes if n.ref in before}
+    down = {n.ref for n in expected_linears(tiny) if "down_proj" in n.inputs[1]}
+    assert down and {ops[r] for r in down} == {"linear_bf16"}
+    assert {ops[r] for r in before - down} == {"linear_int4"}
+    assert result.stats["quantized"] == len(before)
+    assert result.stats["by_scheme"] == {"bf16": len(down), "int4": len(before) - len(down)}
+    weights = {p.name: p.load() for p in tiny.params}
+    weights.update(dequantized_weights(tiny, result.graph))
+    got, want = logits(result.graph), logits(tiny, weights)
+    # bf16 also rounds the down projections' inputs and outputs to bf16 (test_bf16_...): same bound
+    assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
+
+
+def test_an_override_reaches_excluded_linears_and_must_match_something(tiny):
+    head = [n for n in tiny.nodes if n.op.name == "linear" and not matches(n.inputs[1][1:], ["*"], DEFAULT_EXCLUDE)]
+    result = run_pass(tiny, overrides={head[0].inputs[1][1:]: "bf16"})  # scheme none: only the override
+    assert result.changed and result.stats["quantized"] == 1
+    assert [n.op.name for n in result.graph.nodes if n.name == head[0].name] == ["linear_bf16"]
+    with pytest.raises(LlmcError, match=r"quantize.overrides: 'lm_hed.\*' matches no linear weight"):
+        run_pass(tiny, scheme="int4", overrides={"lm_hed.*": "bf16"})
