@@ -19,15 +19,17 @@ ATOL = 1e-5
 
 
 def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=None, softcap=None, quant=None,
-             head_major=True):
+             head_major=True, scattered=True, repeat=1):
     """``seqs``: (cached tokens before the step, new tokens) per sequence, decodes (new == 1) first.
     ``quant``: the kv_dtype / k_scale / v_scale attrs of a quantized cache (pages of that dtype).
-    ``head_major``: the pool's storage layout (CPU pools are head-major, GPU pools page-major)."""
+    ``head_major``: the pool's storage layout (CPU pools are head-major, GPU pools page-major).
+    ``scattered``: pages handed out in random order, else in order (as from a fresh pool).
+    ``repeat``: run the step's attention that many times (as every layer does), the last result."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 3
     pool = KVPool(num_blocks, block_size, getattr(torch, quant["kv_dtype"]) if quant else torch.float32,
                   head_major=head_major)
-    order = torch.randperm(num_blocks, generator=g).tolist()   # pages handed out scattered
+    order = torch.randperm(num_blocks, generator=g).tolist() if scattered else list(range(num_blocks))[::-1]
     attrs = dict(layer=0, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                  scale=head_dim ** -0.5, causal=True, sliding_window=sliding_window, softcap=softcap,
                  **(quant or {}))
@@ -60,7 +62,8 @@ def run_case(seed, heads, kv_heads, head_dim, block_size, seqs, sliding_window=N
     width = max(map(len, tables))
     step = PagedStep(pool, torch.tensor(slots), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
                      torch.tensor(lens), starts, sum(1 for _, n in seqs if n == 1))
-    out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(pos), step, **attrs)
+    for _ in range(repeat):
+        out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(pos), step, **attrs)
     return out, torch.cat(expected)
 
 
@@ -180,3 +183,18 @@ def test_kv_quantization_round_trip_error_and_saturation():
     big = torch.full((1, 3, 8), 1e4)
     assert functional.quantize_kv(big, scale, "int8").max().item() == 127
     assert functional.quantize_kv(-big, scale, "float8_e4m3fn").float().min().item() == -448
+
+
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "page-major"])
+@pytest.mark.parametrize("seqs", [[(20, 1)], [(9, 1), (9, 1), (9, 1)], [(30, 1), (4, 1)], [(13, 5)]],
+                         ids=["one-decode", "equal-decodes", "unequal-decodes", "one-prefill-chunk"])
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_pages_in_order_and_reused_step_metadata_match_contiguous_attention(seqs, sliding_window, head_major):
+    """The fast paths: one sequence on consecutive pages attends to a view of them (no gather),
+    decodes of equal length need no mask, and the second and later layers of a step reuse what
+    the first derived from the block tables (``repeat``)."""
+    for scattered in (False, True):
+        out, expected = run_case(3, 4, 2, 8, 4, seqs, sliding_window=sliding_window, head_major=head_major,
+                                 scattered=scattered, repeat=3)
+        assert (out - expected).abs().max().item() < ATOL
+
