@@ -126,7 +126,7 @@ TEMPLATE_HELPERS = {
                   functional.attention),
     "paged_attention": (functional.rope_tables, functional.rope, functional.quantize_kv, functional.dequantize_kv,
                         paged_attention.head_major_storage, paged_attention.write_kv,
-                        paged_attention.attention_probs, paged_attention.attend,
+                        paged_attention.attention_probs, paged_attention.attend, paged_attention.memoized,
                         paged_attention.weighted_value_rows, paged_attention.gather_pages,
                         paged_attention.decode_groups, paged_attention.paged_decode_attention,
                         paged_attention.paged_prefill_attention,

@@ -27,6 +27,7 @@ Stats: ``quantized`` linears, their ``bytes_before`` and ``bytes_after`` (as sto
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -186,7 +187,7 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     out_stats = {"quantized": len(replacements), "scheme": opts.scheme, "bytes_before": before,
                  "bytes_after": after, "bf16_bytes": bf16, "ratio_to_bf16": round(after / bf16, 4)}
     if opts.overrides:
-        out_stats["by_scheme"] = {name: sum(1 for v in schemes.values() if v == name) for name in sorted(used)}
+        out_stats["by_scheme"] = dict(sorted(Counter(schemes.values()).items()))
     if calib is not None:
         out_stats["calibration"] = f"{calib.source}, {calib.tokens} tokens"
     return PassResult(result, changed=True, stats=out_stats)

@@ -119,8 +119,9 @@ class PagedStep:
     query_start: list            # B + 1 python ints
     num_decodes: int
     logits_indices: torch.Tensor = None  # [S] rows whose logits are sampled (select_rows); None = all
-    decode_groups: list = None   # the decodes grouped by length (``decode_groups``) with what every
-                                 # layer's attention reuses, set by the first layer's paged_attention
+    decode_groups: tuple = None  # (the decodes grouped by length (``decode_groups``) with what every
+                                 # layer's attention reuses, the order to put their rows back in),
+                                 # set by the first layer's paged_attention
     rope_tables: tuple = None    # (rope arguments, ``rope_tables``) of this step, set by the first layer
 
     def begin_step(self, positions):
@@ -165,7 +166,10 @@ def attention_probs(q, keys, q_pos, k_len, scale, causal, sliding_window, softca
     if k_len is None and not causal and not sliding_window:
         return torch.softmax(scores, -1)
     kpos = torch.arange(s, device=q.device)
-    allowed = (kpos[None, None, :] < (s if k_len is None else k_len[:, None, None])).expand(b, 1, s)  # [B, 1, S]
+    if k_len is None:
+        allowed = torch.ones(b, 1, s, dtype=torch.bool, device=q.device)
+    else:
+        allowed = kpos[None, None, :] < k_len[:, None, None]                 # [B, 1, S]
     if causal:
         allowed = allowed & (kpos[None, None, :] <= q_pos[:, :, None])       # [B, Tq, S]
     if sliding_window:
@@ -183,6 +187,15 @@ def attend(q, keys, values, q_pos, k_len, scale, causal, sliding_window, softcap
     return out.permute(1, 3, 0, 2, 4).reshape(b, tq, -1)
 
 
+def memoized(memo, key, compute):
+    """``compute()``, kept in ``memo`` under ``key`` for the next call (``memo`` None: no keeping)."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def weighted_value_rows(storage, block_tables, probs, memo=None):
     """``probs`` [KVH, B, G, 1, S] times each sequence's values, read in place from head-major
     value storage [KVH, pages, block_size, Dv] through the block tables: [B, KVH*G*Dv].
@@ -194,18 +207,16 @@ def weighted_value_rows(storage, block_tables, probs, memo=None):
     ``paged_decode_attention``."""
     kvh, num_blocks, block_size, dv = storage.shape
     _, b, g, _, s = probs.shape
-    key = ("value rows", kvh, num_blocks, g, s)
-    if memo is None or key not in memo:
+
+    def bags():
         width = -(-s // block_size)  # pages holding the S keys (the last one maybe in part)
         slots = (block_tables[:, :width, None] * block_size
                  + torch.arange(block_size, device=probs.device)).view(b, -1)[:, :s]          # [B, S]
         heads = torch.arange(kvh, device=probs.device).view(kvh, 1, 1) * (num_blocks * block_size)
         rows = (heads + slots).view(kvh, b, 1, s).expand(kvh, b, g, s).reshape(-1)
-        found = (rows, torch.arange(0, rows.numel(), s, device=probs.device))
-        if memo is None:
-            memo = {}
-        memo[key] = found
-    rows, offsets = memo[key]
+        return rows, torch.arange(0, rows.numel(), s, device=probs.device)
+
+    rows, offsets = memoized(memo, ("value rows", kvh, num_blocks, g, s), bags)
     out = F.embedding_bag(rows, storage.view(-1, dv), offsets, mode="sum", per_sample_weights=probs.reshape(-1))
     return out.view(kvh, b, g, dv).permute(1, 0, 2, 3).reshape(b, -1)
 
@@ -262,14 +273,15 @@ def gather_pages(pages, block_tables, length, scale=None, memo=None):
     num_blocks, block_size, kvh, d = pages.shape
     width = -(-length // block_size)  # pages that hold them
     storage = head_major_storage(pages)
-    index = memo.get(("pages", width)) if memo is not None else None
-    if index is None:
+
+    def page_index():
         index = block_tables[:, :width].flatten()
         if storage is not None and len(block_tables) == 1 and torch.equal(index, torch.arange(
                 int(index[0]), int(index[0]) + width, device=index.device)):
-            index = int(index[0])  # the first of the consecutive pages
-        if memo is not None:
-            memo[("pages", width)] = index
+            return int(index[0])  # the first of the consecutive pages
+        return index
+
+    index = memoized(memo, ("pages", width), page_index)
     flat = storage.view(kvh, num_blocks, -1) if storage is not None else pages.view(num_blocks, -1)
     if pages.element_size() == 1:  # gathered as bytes: there is no CPU index_select for float8
         flat = flat.view(torch.uint8)
@@ -277,13 +289,8 @@ def gather_pages(pages, block_tables, length, scale=None, memo=None):
         if isinstance(index, int):
             rows = flat.narrow(1, index, width)
         else:  # one index_select over [KVH * pages, page]: 4x the same select along dim 1 (B=16, 19 pages)
-            key = ("head pages", width, kvh, num_blocks)
-            flat_index = memo.get(key) if memo is not None else None
-            if flat_index is None:
-                heads = torch.arange(kvh, device=index.device)[:, None] * num_blocks
-                flat_index = (heads + index[None, :]).reshape(-1)
-                if memo is not None:
-                    memo[key] = flat_index
+            flat_index = memoized(memo, ("head pages", width, kvh, num_blocks), lambda: (
+                torch.arange(kvh, device=index.device)[:, None] * num_blocks + index[None, :]).reshape(-1))
             rows = flat.reshape(kvh * num_blocks, -1).index_select(0, flat_index)
         rows = rows.view(pages.dtype).view(kvh, len(block_tables), width * block_size, d)
         if scale is not None:
@@ -368,8 +375,8 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
     if rope_dim:
         # Every layer of a step rotates by the same angles: the tables are computed once per step
         # (a third of a batch-1 decode layer's attention time on CPU when done per layer).
-        key, cached = (inv_freq, rope_dim, rope_interleaved, rope_scaling, q.dtype), getattr(kv, "rope_tables", None)
-        if cached is None or cached[0][0] is not inv_freq or cached[0][1:] != key[1:]:
+        key, cached = (id(inv_freq), rope_dim, rope_interleaved, rope_scaling, q.dtype), getattr(kv, "rope_tables", None)
+        if cached is None or cached[0] != key:
             cached = kv.rope_tables = (key, rope_tables(positions, inv_freq, rope_scaling, rope_interleaved, q.dtype))
         q = rope(q, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling, cached[1])
         k = rope(k, positions, inv_freq, head_dim, rope_dim, rope_interleaved, rope_scaling, cached[1])
@@ -390,21 +397,22 @@ def paged_attention(q, k, v, positions, kv, layer, num_heads, num_kv_heads, head
         if getattr(kv, "decode_groups", None) is None:  # once per step (every layer groups alike)
             groups = [torch.tensor(group, device=q.device)
                       for group in decode_groups(kv.seq_lens[:nd], k_pages.shape[1])]
+            # ([(rows, their block tables, lengths, positions, memo) per group], the order to put
+            # the rows back in: None for one group of all the decodes in order)
             if len(groups) == 1:
-                kv.decode_groups = [(None, kv.block_tables[:nd], kv.seq_lens[:nd], positions[:nd], {})]
-            else:  # (rows, their block tables, lengths, positions, memo), then the order to put them back
-                kv.decode_groups = [(rows, kv.block_tables.index_select(0, rows), kv.seq_lens.index_select(0, rows),
-                                     positions.index_select(0, rows), {}) for rows in groups]
-                kv.decode_groups.append(torch.cat(groups))
-        groups = kv.decode_groups
-        if len(groups) == 1:
+                kv.decode_groups = ([(None, kv.block_tables[:nd], kv.seq_lens[:nd], positions[:nd], {})], None)
+            else:
+                kv.decode_groups = ([(rows, kv.block_tables.index_select(0, rows), kv.seq_lens.index_select(0, rows),
+                                      positions.index_select(0, rows), {}) for rows in groups], torch.cat(groups))
+        groups, order = kv.decode_groups
+        if order is None:
             _, tables, lens, pos, memo = groups[0]
             out = paged_decode_attention(q[:nd], k_pages, v_pages, tables, lens, pos, **options, memo=memo)
         else:  # one call per group of similar lengths, the rows put back in order
             got = torch.cat([paged_decode_attention(q.index_select(0, rows), k_pages, v_pages, tables, lens, pos,
                                                     **options, memo=memo)
-                             for rows, tables, lens, pos, memo in groups[:-1]])
-            out = torch.empty_like(got).index_copy_(0, groups[-1], got)
+                             for rows, tables, lens, pos, memo in groups])
+            out = torch.empty_like(got).index_copy_(0, order, got)
         parts.append((0, out))
     chunks = [(kv.query_start[i], kv.query_start[i + 1], i) for i in range(nd, len(kv.query_start) - 1)]
     # Short chunks (up to 16 tokens: speculative verification runs k + 1) share one attention call,
